@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check metering renderer tests bench
 
 run: $(STAMP)
-	$(PY) -m tools.run_all
+	$(PY) deploy/run_local.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

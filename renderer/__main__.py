@@ -1,0 +1,31 @@
+"""`python -m renderer`: one renderer server."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from renderer import logs
+from renderer.config import ConfigError, RendererConfig
+from renderer.server import serve_forever
+
+
+def main() -> int:
+    logs.configure("renderer")
+    try:
+        config = RendererConfig.from_env()
+    except ConfigError as error:
+        print(f"renderer: configuration error: {error}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+
+        run = uvloop.run
+    except ImportError:  # optional: asyncio's own loop works the same, slower
+        run = asyncio.run
+    run(serve_forever(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

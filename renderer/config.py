@@ -1,0 +1,130 @@
+"""The renderer's configuration: read from the environment once, validated at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from renderer.domain import RenderMode
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class LambdaSettings:
+    function_name: str
+    bucket: str
+    chunk_seconds: float
+    max_concurrency: int
+    timeout_seconds: float
+    endpoint_url: str | None
+    s3_endpoint_url: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RendererConfig:
+    listen: str
+    metering_target: str
+    default_mode: RenderMode
+    output_dir: Path
+    state_dir: Path
+    concurrency: int
+    asset_roots: tuple[Path, ...]
+    metering_timeout_seconds: float
+    metering_token: str | None
+    metrics_listen: str | None
+    lambda_settings: LambdaSettings | None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RendererConfig:
+        env = os.environ if env is None else env
+        data_dir = REPO_ROOT / ".data"
+        mode_text = env.get("RENDER_MODE", "local").strip().lower()
+        try:
+            default_mode = RenderMode(mode_text)
+        except ValueError:
+            raise ConfigError(f"RENDER_MODE must be 'local' or 'lambda', not {mode_text!r}") from None
+        lambda_settings = _lambda_settings(env)
+        if default_mode is RenderMode.LAMBDA and lambda_settings is None:
+            raise ConfigError("RENDER_MODE=lambda needs LAMBDA_FUNCTION_NAME and RENDER_BUCKET")
+        roots = tuple(Path(p).resolve() for p in env.get("RENDER_ASSET_ROOTS", "").split(":") if p.strip())
+        return cls(
+            listen=_host_port(env, "RENDERER_LISTEN", "127.0.0.1:50052"),
+            metering_target=_host_port(env, "METERING_TARGET", "127.0.0.1:50051"),
+            default_mode=default_mode,
+            output_dir=Path(env.get("RENDER_OUTPUT_DIR") or data_dir / "renders").resolve(),
+            state_dir=Path(env.get("RENDER_STATE_DIR") or data_dir / "renderer").resolve(),
+            concurrency=_int(env, "RENDER_CONCURRENCY", os.cpu_count() or 1, minimum=1, maximum=256),
+            asset_roots=roots,
+            metering_timeout_seconds=_float(env, "METERING_TIMEOUT_SECONDS", 5.0, minimum=0.1),
+            metering_token=env.get("METERING_TOKEN") or None,
+            metrics_listen=_optional_host_port(env, "RENDERER_METRICS_LISTEN"),
+            lambda_settings=lambda_settings,
+        )
+
+
+def _lambda_settings(env: Mapping[str, str]) -> LambdaSettings | None:
+    function_name = env.get("LAMBDA_FUNCTION_NAME", "").strip()
+    bucket = env.get("RENDER_BUCKET", "").strip()
+    if not function_name and not bucket:
+        return None
+    if not function_name or not bucket:
+        raise ConfigError("LAMBDA_FUNCTION_NAME and RENDER_BUCKET go together: set both or neither")
+    return LambdaSettings(
+        function_name=function_name,
+        bucket=bucket,
+        chunk_seconds=_float(env, "RENDER_LAMBDA_CHUNK_SECONDS", 10.0, minimum=0.5),
+        max_concurrency=_int(env, "RENDER_LAMBDA_MAX_CONCURRENCY", 8, minimum=1, maximum=1000),
+        timeout_seconds=_float(env, "RENDER_LAMBDA_TIMEOUT_SECONDS", 900.0, minimum=1.0),
+        endpoint_url=env.get("AWS_ENDPOINT_URL_LAMBDA") or env.get("AWS_ENDPOINT_URL") or None,
+        s3_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+    )
+
+
+def _optional_host_port(env: Mapping[str, str], name: str) -> str | None:
+    return _host_port(env, name, "") if env.get(name, "").strip() else None
+
+
+def _host_port(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip() or default
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{name} must be host:port, not {value!r}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, not {text!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}, not {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {text!r}") from None
+    if not value >= minimum or value == float("inf"):
+        raise ConfigError(f"{name} must be a finite number of at least {minimum}, not {text}")
+    return value
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    return host in {"localhost", "::1"} or host.startswith("127.")

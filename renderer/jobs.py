@@ -1,0 +1,364 @@
+"""The render job: reserve -> render -> complete. The one metered path that every backend goes through.
+
+Nothing else in the renderer calls a backend's `render`: a backend only accepts a `RenderAssignment`, and
+only this module builds one, from the `Reservation` metering returned. Whatever way a render ends (success,
+failure, cancellation, shutdown), its completion goes to the durable outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from renderer.domain import (
+    Composition,
+    OutputFormat,
+    Progress,
+    RenderAssignment,
+    RenderBackend,
+    RenderError,
+    RenderMode,
+    RenderOutput,
+    Reservation,
+)
+from renderer.metering_port import (
+    Completion,
+    MeteringError,
+    MeteringPort,
+    MeteringRejected,
+    Outcome,
+    ReserveRequest,
+)
+from renderer.validation import validate_composition
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 2000
+# Terminal jobs kept for GetRender/WatchRender after they end.
+RETAINED_FINISHED_JOBS = 10_000
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RENDERING = "rendering"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+class IdempotencyConflict(Exception):
+    """The same idempotency key came with a different request."""
+
+
+class BackendUnavailable(Exception):
+    """The request asks for a backend this renderer is not configured for."""
+
+
+@dataclass(frozen=True, slots=True)
+class RenderRequest:
+    idempotency_key: str
+    user_id: str
+    project_id: str
+    composition: Composition
+    format: OutputFormat
+    mode: RenderMode | None = None  # None: the renderer's default
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """An immutable snapshot; every change makes a new one."""
+
+    job_id: str
+    export_id: str
+    user_id: str
+    project_id: str
+    format: OutputFormat
+    mode: RenderMode
+    state: JobState
+    frames_total: int
+    created_at: datetime
+    updated_at: datetime
+    frames_rendered: int = 0
+    chunks_done: int = 0
+    chunks_total: int = 0
+    progress: float = 0.0
+    output_uri: str = ""
+    file_size_bytes: int = 0
+    duration_seconds: float = 0.0
+    error: str = ""
+
+
+class CompletionSink(Protocol):
+    async def submit(self, completion: Completion) -> bool: ...
+
+
+@dataclass
+class _Entry:
+    job: Job
+    request: RenderRequest
+    task: asyncio.Task[None] | None = None
+    watchers: set[asyncio.Queue[Job]] = field(default_factory=set)
+
+
+class JobRunner:
+    def __init__(
+        self,
+        metering: MeteringPort,
+        completions: CompletionSink,
+        backends: Mapping[RenderMode, RenderBackend],
+        *,
+        default_mode: RenderMode = RenderMode.LOCAL,
+        concurrency: int = 1,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_finished: Callable[[Job, float], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self._metering = metering
+        self._completions = completions
+        self._backends = dict(backends)
+        self._default_mode = default_mode
+        self._slots = asyncio.Semaphore(concurrency)
+        self._clock = clock
+        self._on_finished = on_finished
+        self._entries: dict[str, _Entry] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._by_key: dict[tuple[str, str], asyncio.Future[str]] = {}
+        self._closing_tasks: set[asyncio.Task[bool]] = set()
+
+    # --- the public operations -------------------------------------------------------------------------
+
+    async def start(self, request: RenderRequest) -> Job:
+        """Reserve with metering, then queue the render. Metering's refusals propagate unchanged."""
+        validate_composition(request.composition, max_duration_seconds=None)
+        mode = request.mode or self._default_mode
+        if mode not in self._backends:
+            raise BackendUnavailable(f"{mode.value} rendering is not configured on this renderer")
+        key = (request.user_id, request.idempotency_key)
+        pending = self._by_key.get(key)
+        if pending is not None:
+            job_id = await asyncio.shield(pending)
+            entry = self._entries.get(job_id)
+            if entry is None:
+                raise JobNotFound(job_id)
+            if entry.request != dataclasses.replace(request, mode=mode):
+                raise IdempotencyConflict(
+                    f"idempotency_key {request.idempotency_key!r} was used for a different render"
+                )
+            return entry.job
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._by_key[key] = future
+        try:
+            job_id = await self._reserve_and_queue(dataclasses.replace(request, mode=mode), mode)
+        except BaseException as error:
+            del self._by_key[key]
+            future.set_exception(error if isinstance(error, Exception) else asyncio.CancelledError())
+            future.exception()  # a replay waiting on it sees the error; nobody else must log it as unretrieved
+            raise
+        future.set_result(job_id)
+        return self._entries[job_id].job
+
+    def get(self, job_id: str) -> Job:
+        entry = self._entries.get(job_id)
+        if entry is None:
+            raise JobNotFound(job_id)
+        return entry.job
+
+    async def watch(self, job_id: str) -> AsyncIterator[Job]:
+        """Every change of the job, starting with its current state, ending with a terminal one."""
+        entry = self._entries.get(job_id)
+        if entry is None:
+            raise JobNotFound(job_id)
+        queue: asyncio.Queue[Job] = asyncio.Queue()
+        entry.watchers.add(queue)
+        try:
+            job = entry.job
+            yield job
+            while not job.state.terminal:
+                job = await queue.get()
+                yield job
+        finally:
+            entry.watchers.discard(queue)
+
+    async def cancel(self, job_id: str) -> Job:
+        entry = self._entries.get(job_id)
+        if entry is None:
+            raise JobNotFound(job_id)
+        if entry.task is not None and not entry.task.done():
+            entry.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(entry.task)
+        return entry.job
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Let running renders finish within the grace period, cancel the rest, flush their completions."""
+        running = [e.task for e in self._entries.values() if e.task is not None and not e.task.done()]
+        if running:
+            _, still_running = await asyncio.wait(running, timeout=grace_seconds)
+            for task in still_running:
+                task.cancel()
+            await asyncio.gather(*still_running, return_exceptions=True)
+        if self._closing_tasks:
+            await asyncio.gather(*self._closing_tasks, return_exceptions=True)
+
+    # --- the metered path --------------------------------------------------------------------------------
+
+    async def _reserve_and_queue(self, request: RenderRequest, mode: RenderMode) -> str:
+        reservation = await self._metering.reserve(
+            ReserveRequest(
+                idempotency_key=request.idempotency_key,
+                user_id=request.user_id,
+                project_id=request.project_id,
+                mode=mode,
+                format=request.format,
+                composition=request.composition,
+            )
+        )
+        now = self._clock()
+        job = Job(
+            job_id=uuid.uuid4().hex,
+            export_id=reservation.export_id,
+            user_id=request.user_id,
+            project_id=request.project_id,
+            format=request.format,
+            mode=mode,
+            state=JobState.QUEUED,
+            frames_total=request.composition.frames_total,
+            created_at=now,
+            updated_at=now,
+        )
+        entry = _Entry(job=job, request=request)
+        self._entries[job.job_id] = entry
+        assignment = RenderAssignment(reservation, request.composition, request.format)
+        entry.task = asyncio.create_task(self._run(entry, assignment, self._backends[mode]), name=job.job_id)
+        log.info(
+            "render queued",
+            extra={"job_id": job.job_id, "export_id": job.export_id, "user_id": job.user_id, "mode": mode.value},
+        )
+        return job.job_id
+
+    async def _run(self, entry: _Entry, assignment: RenderAssignment, backend: RenderBackend) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(assignment.reservation))
+        started = time.monotonic()
+        try:
+            async with self._slots:
+                self._update(entry, state=JobState.RENDERING)
+                started = time.monotonic()
+                output = await backend.render(assignment, lambda p: self._progress(entry, p))
+        except asyncio.CancelledError:
+            await self._close(entry, JobState.CANCELLED, Outcome.CANCELLED, started, error="cancelled")
+        except RenderError as error:
+            await self._close(entry, JobState.FAILED, Outcome.FAILED, started, error=str(error))
+        except Exception as error:  # a bug must still close the export, never leave it RESERVED
+            log.exception("render crashed", extra={"job_id": entry.job.job_id})
+            await self._close(entry, JobState.FAILED, Outcome.FAILED, started, error=f"internal error: {error!r}")
+        else:
+            await self._close(entry, JobState.SUCCEEDED, Outcome.COMPLETED, started, output=output)
+        finally:
+            heartbeat.cancel()
+
+    async def _close(
+        self,
+        entry: _Entry,
+        state: JobState,
+        outcome: Outcome,
+        started: float,
+        *,
+        error: str = "",
+        output: RenderOutput | None = None,
+    ) -> None:
+        render_seconds = time.monotonic() - started
+        error = error[-MAX_ERROR_CHARS:]
+        completion = Completion(
+            export_id=entry.job.export_id,
+            outcome=outcome,
+            error=error,
+            file_size_bytes=output.file_size_bytes if output else 0,
+            duration_seconds=output.duration_seconds if output else 0.0,
+            output_uri=output.uri if output else "",
+            render_seconds=render_seconds,
+        )
+        # Shielded: a second cancellation (CancelRender twice, shutdown) must not stop the completion.
+        closing = asyncio.create_task(self._completions.submit(completion))
+        self._closing_tasks.add(closing)
+        closing.add_done_callback(self._closing_tasks.discard)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(closing)
+        changes: dict[str, object] = {"state": state, "error": error}
+        if output is not None:
+            changes |= {
+                "output_uri": output.uri,
+                "file_size_bytes": output.file_size_bytes,
+                "duration_seconds": output.duration_seconds,
+                "frames_rendered": output.frames or entry.job.frames_total,
+                "progress": 1.0,
+            }
+        self._update(entry, **changes)
+        self._retire(entry.job.job_id)
+        log.info(
+            "render finished",
+            extra={"job_id": entry.job.job_id, "export_id": entry.job.export_id, "state": state.value,
+                   "render_seconds": round(render_seconds, 3), "error": error[:200]},
+        )
+        if self._on_finished is not None:
+            result = self._on_finished(entry.job, render_seconds)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def _heartbeat(self, reservation: Reservation) -> None:
+        """Keep the reservation's lease alive while the job is queued or rendering."""
+        lease_expires_at = reservation.lease_expires_at
+        while True:
+            remaining = (lease_expires_at - self._clock()).total_seconds()
+            await asyncio.sleep(max(0.2, remaining / 3))
+            try:
+                lease_expires_at = await self._metering.extend(reservation.export_id)
+            except MeteringRejected as error:
+                # Expired or closed already: the render goes on and its completion is still recorded late.
+                log.warning("lease not extended", extra={"export_id": reservation.export_id, "error": str(error)})
+                if error.permanent:
+                    return
+            except MeteringError as error:
+                log.warning("heartbeat failed", extra={"export_id": reservation.export_id, "error": str(error)})
+                lease_expires_at = self._clock()  # try again soon
+
+    def _progress(self, entry: _Entry, progress: Progress) -> None:
+        if entry.job.state.terminal:
+            return
+        self._update(
+            entry,
+            frames_rendered=progress.frames_rendered,
+            frames_total=progress.frames_total or entry.job.frames_total,
+            chunks_done=progress.chunks_done,
+            chunks_total=progress.chunks_total,
+            progress=progress.fraction,
+        )
+
+    def _update(self, entry: _Entry, **changes: object) -> None:
+        entry.job = dataclasses.replace(entry.job, updated_at=self._clock(), **changes)  # type: ignore[arg-type]
+        for queue in entry.watchers:
+            queue.put_nowait(entry.job)
+
+    def _retire(self, job_id: str) -> None:
+        self._finished[job_id] = None
+        while len(self._finished) > RETAINED_FINISHED_JOBS:
+            old, _ = self._finished.popitem(last=False)
+            entry = self._entries.pop(old, None)
+            if entry is not None:
+                self._by_key.pop((entry.request.user_id, entry.request.idempotency_key), None)

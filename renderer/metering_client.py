@@ -1,0 +1,120 @@
+"""The gRPC adapter of `MeteringPort`: the only place the renderer talks to metering."""
+
+from __future__ import annotations
+
+import contextvars
+from datetime import UTC, datetime
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from exportapi.metering.v1 import metering_pb2, metering_pb2_grpc
+from renderer.domain import RESERVATION_SEAL, RenderMode, Reservation
+from renderer.metering_port import (
+    Completion,
+    MeteringRejected,
+    MeteringUnavailable,
+    Outcome,
+    ReserveRequest,
+)
+
+# Set by the renderer's servicer so metering's logs carry the same request id.
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+_MODES = {RenderMode.LOCAL: metering_pb2.RENDER_MODE_LOCAL, RenderMode.LAMBDA: metering_pb2.RENDER_MODE_LAMBDA}
+_OUTCOMES = {
+    Outcome.COMPLETED: metering_pb2.EXPORT_STATUS_COMPLETED,
+    Outcome.FAILED: metering_pb2.EXPORT_STATUS_FAILED,
+    Outcome.CANCELLED: metering_pb2.EXPORT_STATUS_CANCELLED,
+}
+# Codes after which the same call may succeed later: the outbox keeps retrying these.
+_TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+class GrpcMeteringClient:
+    def __init__(self, target: str, *, timeout_seconds: float = 5.0, token: str | None = None) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = metering_pb2_grpc.MeteringStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._timeout = timeout_seconds
+        self._token = token
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        metadata: list[tuple[str, str]] = []
+        if self._token:
+            metadata.append(("authorization", f"Bearer {self._token}"))
+        request_id = request_id_var.get()
+        if request_id:
+            metadata.append(("x-request-id", request_id))
+        return tuple(metadata)
+
+    async def _call(self, method, request):  # type: ignore[no-untyped-def]
+        try:
+            return await method(request, timeout=self._timeout, metadata=self._metadata())
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise MeteringUnavailable(f"metering is unavailable: {error.details()}") from error
+            raise MeteringRejected(
+                error.details() or code.name, status=error, code_name=code.name, permanent=code not in _TRANSIENT
+            ) from error
+
+    async def reserve(self, request: ReserveRequest) -> Reservation:
+        composition = request.composition
+        answer = await self._call(
+            self._stub.CheckAndReserve,
+            metering_pb2.CheckAndReserveRequest(
+                idempotency_key=request.idempotency_key,
+                user_id=request.user_id,
+                project_id=request.project_id,
+                render_mode=_MODES[request.mode],
+                format=request.format.value,
+                duration_seconds=composition.duration_seconds,
+                resolution=composition.resolution,
+            ),
+        )
+        return Reservation(
+            export_id=answer.export_id,
+            lease_expires_at=answer.lease_expires_at.ToDatetime(tzinfo=UTC),
+            seal=RESERVATION_SEAL,
+        )
+
+    async def complete(self, completion: Completion) -> None:
+        await self._call(
+            self._stub.Complete,
+            metering_pb2.CompleteRequest(
+                export_id=completion.export_id,
+                outcome=_OUTCOMES[completion.outcome],
+                error=completion.error,
+                file_size_bytes=completion.file_size_bytes,
+                duration_seconds=completion.duration_seconds,
+                output_uri=completion.output_uri,
+                render_seconds=completion.render_seconds,
+            ),
+        )
+
+    async def extend(self, export_id: str) -> datetime:
+        answer = await self._call(
+            self._stub.ExtendReservation, metering_pb2.ExtendReservationRequest(export_id=export_id)
+        )
+        return answer.lease_expires_at.ToDatetime(tzinfo=UTC)
+
+    async def healthy(self) -> bool:
+        try:
+            answer = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=self._timeout, metadata=self._metadata()
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return answer.status == health_pb2.HealthCheckResponse.SERVING

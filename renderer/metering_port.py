@@ -1,0 +1,71 @@
+"""What the job runner needs from metering, without gRPC: the port and its errors."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from renderer.domain import Composition, OutputFormat, RenderMode, Reservation
+
+
+class Outcome(enum.StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    idempotency_key: str
+    user_id: str
+    project_id: str
+    mode: RenderMode
+    format: OutputFormat
+    composition: Composition
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The closing record of one export; what the outbox stores until metering acknowledges it."""
+
+    export_id: str
+    outcome: Outcome
+    error: str = ""
+    file_size_bytes: int = 0
+    duration_seconds: float = 0.0
+    output_uri: str = ""
+    render_seconds: float = 0.0
+
+
+class MeteringError(Exception):
+    """Base of the errors below."""
+
+
+class MeteringUnavailable(MeteringError):
+    """Metering did not answer: nothing may render (tracking fails closed)."""
+
+
+class MeteringRejected(MeteringError):
+    """Metering answered with an error (quota, precondition, idempotency conflict...).
+
+    `status` is the transport's own error, kept whole so the caller sees metering's code, message and details
+    unchanged; `permanent` says whether retrying the same call can ever succeed.
+    """
+
+    def __init__(self, message: str, *, status: Any, code_name: str, permanent: bool) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code_name = code_name
+        self.permanent = permanent
+
+
+class MeteringPort(Protocol):
+    async def reserve(self, request: ReserveRequest) -> Reservation: ...
+
+    async def complete(self, completion: Completion) -> None: ...
+
+    async def extend(self, export_id: str) -> datetime: ...
+
+    async def healthy(self) -> bool: ...

@@ -1,0 +1,122 @@
+"""Wires the renderer together and serves it: gRPC, health, reflection, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from exportapi.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from renderer.config import ConfigError, RendererConfig, is_loopback
+from renderer.domain import RenderBackend, RenderMode
+from renderer.jobs import JobRunner
+from renderer.local_backend import LocalBackend
+from renderer.metering_client import GrpcMeteringClient
+from renderer.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = renderer_pb2.DESCRIPTOR.services_by_name["Renderer"].full_name
+HEALTH_PROBE_SECONDS = 2.0
+
+
+@dataclass
+class RunningRenderer:
+    server: grpc.aio.Server
+    port: int
+    runner: JobRunner
+    outbox: Outbox
+    metering: GrpcMeteringClient
+    health_task: asyncio.Task[None]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace_seconds: float = 10.0) -> None:
+        """Refuse new calls, let in-flight renders finish within the grace period, flush completions."""
+        self.health_task.cancel()
+        await self.server.stop(grace_seconds)
+        await self.runner.shutdown(grace_seconds)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.health_task
+        await self.outbox.close()
+        await self.metering.close()
+
+
+def build_backends(config: RendererConfig) -> dict[RenderMode, RenderBackend]:
+    backends: dict[RenderMode, RenderBackend] = {
+        RenderMode.LOCAL: LocalBackend(config.output_dir, asset_roots=config.asset_roots),
+    }
+    if config.lambda_settings is not None:
+        from renderer.lambda_backend import LambdaBackend
+
+        backends[RenderMode.LAMBDA] = LambdaBackend.from_settings(config.lambda_settings)
+    return backends
+
+
+async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 30.0) -> RunningRenderer:
+    if not is_loopback(config.listen):
+        # Without caller authentication (not built yet) anyone who reaches the port could render.
+        raise ConfigError(f"RENDERER_LISTEN={config.listen} is not a loopback address; without auth it must be")
+    metering = GrpcMeteringClient(
+        config.metering_target, timeout_seconds=config.metering_timeout_seconds, token=config.metering_token
+    )
+    outbox = Outbox(
+        config.state_dir / "outbox.sqlite3", metering.complete, max_backoff_seconds=outbox_max_backoff_seconds
+    )
+    outbox.start()
+    runner = JobRunner(
+        metering,
+        outbox,
+        build_backends(config),
+        default_mode=config.default_mode,
+        concurrency=config.concurrency,
+    )
+    server = grpc.aio.server()
+    renderer_pb2_grpc.add_RendererServicer_to_server(_servicer(runner), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise ConfigError(f"cannot listen on {config.listen}")
+    await server.start()
+    health_task = asyncio.create_task(_follow_metering_health(metering, health_servicer))
+    log.info("renderer serving", extra={"listen": config.listen, "port": port, "metering": config.metering_target})
+    return RunningRenderer(server, port, runner, outbox, metering, health_task)
+
+
+def _servicer(runner: JobRunner) -> renderer_pb2_grpc.RendererServicer:
+    from renderer.servicer import RendererServicer
+
+    return RendererServicer(runner)
+
+
+async def _follow_metering_health(metering: GrpcMeteringClient, health_servicer: health.aio.HealthServicer) -> None:
+    """SERVING only while metering answers: without metering, nothing renders."""
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    while True:
+        status = serving if await metering.healthy() else not_serving
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+        await asyncio.sleep(HEALTH_PROBE_SECONDS)
+
+
+async def serve_forever(config: RendererConfig) -> None:
+    running = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"renderer listening on {config.listen.rpartition(':')[0]}:{running.port}", flush=True)
+    await stop.wait()
+    log.info("renderer stopping: draining in-flight renders")
+    await running.stop()
