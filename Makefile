@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: install run test gen check-gen lint bench clean
+.PHONY: install run test gen lint bench clean
 
 install: $(STAMP)
 
@@ -15,15 +15,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+GEN_DIR ?= gen
 gen: $(STAMP)
-	rm -rf gen && mkdir -p gen
+	rm -rf $(GEN_DIR) && mkdir -p $(GEN_DIR)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos \
-		--python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
-	find gen -mindepth 1 -type d -exec touch {}/__init__.py \;
-
-# Fails when the committed gen/ differs from what protos/ generates.
-check-gen: $(STAMP)
-	$(PY) -m tests.tools.check_gen
+		--python_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) --mypy_out=$(GEN_DIR) --mypy_grpc_out=$(GEN_DIR) $(PROTOS)
+	find $(GEN_DIR) -mindepth 1 -type d -exec touch {}/__init__.py \;
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check metering renderer tests bench
@@ -31,7 +28,7 @@ lint: $(STAMP)
 run: $(STAMP)
 	$(PY) deploy/run_local.py
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
