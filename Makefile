@@ -23,7 +23,7 @@ gen: $(STAMP)
 	find $(GEN_DIR) -mindepth 1 -type d -exec touch {}/__init__.py \;
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check metering renderer tests bench
+	$(VENV)/bin/ruff check metering renderer tests bench deploy
 
 run: $(STAMP)
 	$(PY) deploy/run_local.py
