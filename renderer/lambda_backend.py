@@ -1,0 +1,382 @@
+"""The AWS Lambda render backend: invokes the render function (renderer.lambda_handler) with aioboto3.
+
+Rendering happens in Lambda and the output lands in S3; this node only sends JSON events and never holds
+video bytes. An mp4 longer than `chunk_seconds` fans out: its frames are split into chunks rendered by
+parallel invocations (h264, video only, identical settings), the audio is rendered once by another, and a
+final "join" invocation concatenates the chunks without re-encoding, muxes the audio and uploads the result.
+webm and gif render in one invocation.
+
+Invocations are synchronous (RequestResponse) with botocore's retries OFF: a synchronous invoke retried after
+a read timeout would render, and be counted, twice. The read timeout sits above the function's own timeout so
+Lambda always answers first. Throttling (429 TooManyRequestsException: Lambda did not run the function) is the
+one thing retried, here, with capped exponential backoff and full jitter. A function error (a handler
+exception, or Lambda's "Task timed out") raises `RenderError`, which the job runner records as FAILED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import random
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from renderer.domain import (
+    OutputFormat,
+    Progress,
+    ProgressCallback,
+    RenderAssignment,
+    RenderError,
+    RenderMode,
+    RenderOutput,
+)
+from renderer.lambda_handler import (
+    ACTION_AUDIO,
+    ACTION_CHUNK,
+    ACTION_JOIN,
+    ACTION_RENDER,
+    RenderKeys,
+    composition_to_json,
+)
+
+log = logging.getLogger(__name__)
+
+THROTTLE_ERROR_CODES = frozenset({"TooManyRequestsException"})
+_SAFE_EXPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class LambdaSettingsLike(Protocol):
+    """What renderer.config.LambdaSettings provides (duck-typed, to keep this module free of config)."""
+
+    function_name: str
+    bucket: str
+    chunk_seconds: float
+    max_concurrency: int
+    timeout_seconds: float
+    endpoint_url: str | None
+    s3_endpoint_url: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LambdaBackendConfig:
+    function_name: str  # LAMBDA_FUNCTION_NAME
+    bucket: str  # RENDER_BUCKET
+    chunk_seconds: float = 10.0  # RENDER_LAMBDA_CHUNK_SECONDS
+    max_concurrency: int = 8  # RENDER_LAMBDA_MAX_CONCURRENCY: invocations in flight for one render
+    timeout_seconds: float = 900.0  # RENDER_LAMBDA_TIMEOUT_SECONDS: the function's configured timeout
+    endpoint_url: str | None = None  # AWS_ENDPOINT_URL_LAMBDA
+    s3_endpoint_url: str | None = None  # AWS_ENDPOINT_URL_S3
+    key_prefix: str = "renders/"
+    throttle_retries: int = 8
+    throttle_base_delay_seconds: float = 0.25
+    throttle_max_delay_seconds: float = 20.0
+    # Added to the function's timeout for the HTTP read timeout, so Lambda's own timeout answer arrives first.
+    read_timeout_margin_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.function_name:
+            raise ValueError("function_name is required")
+        if not self.bucket:
+            raise ValueError("bucket is required")
+        if not self.chunk_seconds > 0:
+            raise ValueError("chunk_seconds must be positive")
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if not self.timeout_seconds > 0:
+            raise ValueError("timeout_seconds must be positive")
+        if self.throttle_retries < 0:
+            raise ValueError("throttle_retries must not be negative")
+
+    @property
+    def read_timeout_seconds(self) -> float:
+        return self.timeout_seconds + self.read_timeout_margin_seconds
+
+    @classmethod
+    def from_settings(cls, settings: LambdaSettingsLike, **overrides: Any) -> LambdaBackendConfig:
+        return cls(
+            function_name=settings.function_name,
+            bucket=settings.bucket,
+            chunk_seconds=settings.chunk_seconds,
+            max_concurrency=settings.max_concurrency,
+            timeout_seconds=settings.timeout_seconds,
+            endpoint_url=settings.endpoint_url,
+            s3_endpoint_url=settings.s3_endpoint_url,
+            **overrides,
+        )
+
+
+class LambdaFunctionError(RenderError):
+    """The function ran and failed: a handler exception or Lambda's timeout."""
+
+    def __init__(self, message: str, error_type: str = "") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class LambdaThrottled(RenderError):
+    """Lambda kept answering 429 after every retry."""
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float] = random.random) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**attempt))."""
+    return rng() * min(cap, base * (2**attempt))
+
+
+def lambda_client_config(config: LambdaBackendConfig) -> Any:
+    from aiobotocore.config import AioConfig
+
+    return AioConfig(
+        read_timeout=config.read_timeout_seconds,
+        connect_timeout=10,
+        # One attempt: botocore would retry a read timeout or a 5xx, running the render twice.
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        max_pool_connections=config.max_concurrency + 4,
+    )
+
+
+class LambdaInvoker:
+    """Synchronous invokes of one function over an open aiobotocore Lambda client."""
+
+    def __init__(
+        self,
+        client: Any,
+        config: LambdaBackendConfig,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._client = client
+        self._config = config
+        self._sleep = sleep
+        self._rng = rng
+        self.throttled = 0  # 429s seen, for logs and tests
+
+    async def invoke(self, event: dict[str, Any]) -> Any:
+        from botocore.exceptions import ClientError, ConnectionError, ReadTimeoutError
+
+        payload = json.dumps(event).encode()
+        config = self._config
+        attempt = 0
+        while True:
+            try:
+                response = await self._client.invoke(
+                    FunctionName=config.function_name, InvocationType="RequestResponse", Payload=payload
+                )
+                body = await response["Payload"].read()
+                break
+            except ClientError as exc:
+                error = exc.response.get("Error", {})
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if error.get("Code") in THROTTLE_ERROR_CODES or status == 429:
+                    self.throttled += 1
+                    if attempt >= config.throttle_retries:
+                        raise LambdaThrottled(
+                            f"Lambda throttled {config.function_name} {attempt + 1} times in a row; giving up"
+                        ) from None
+                    delay = backoff_delay(
+                        attempt, config.throttle_base_delay_seconds, config.throttle_max_delay_seconds, self._rng
+                    )
+                    log.info("Lambda throttled %s; retrying in %.2fs", config.function_name, delay)
+                    attempt += 1
+                    await self._sleep(delay)
+                    continue
+                raise RenderError(
+                    f"Lambda invoke of {config.function_name} failed: {error.get('Code')}: {error.get('Message')}"
+                ) from None
+            except ReadTimeoutError:
+                raise RenderError(
+                    f"no answer from Lambda function {config.function_name} within "
+                    f"{config.read_timeout_seconds:.0f}s"
+                ) from None
+            except ConnectionError as exc:
+                raise RenderError(f"cannot reach Lambda ({config.function_name}): {exc}") from None
+        if response.get("FunctionError"):
+            raise _function_error(config.function_name, body)
+        try:
+            return json.loads(body) if body else None
+        except ValueError:
+            raise RenderError(f"Lambda function {config.function_name} answered with invalid JSON") from None
+
+
+def _function_error(function_name: str, body: bytes) -> LambdaFunctionError:
+    try:
+        details = json.loads(body)
+    except ValueError:
+        details = None
+    if isinstance(details, dict):
+        error_type = str(details.get("errorType") or "")
+        message = str(details.get("errorMessage") or "")
+    else:
+        error_type, message = "", body.decode(errors="replace")
+    if "Task timed out" in message:
+        # "RequestId: ... Error: Task timed out after 900.00 seconds" -> the useful part.
+        return LambdaFunctionError(f"Lambda function {function_name} timed out: {message}", error_type)
+    shown = f"{error_type}: {message}" if error_type and error_type != "RenderError" else message
+    return LambdaFunctionError(f"Lambda render failed: {shown or 'unknown function error'}", error_type)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    index: int
+    first_frame: int
+    frame_count: int
+
+
+def plan_chunks(frames_total: int, fps: float, chunk_seconds: float) -> list[Chunk]:
+    """Split `frames_total` frames into chunks of `chunk_seconds` (rounded to whole frames, at least one);
+    the last chunk takes the remainder."""
+    per_chunk = max(1, round(chunk_seconds * fps))
+    return [
+        Chunk(index, first, min(per_chunk, frames_total - first))
+        for index, first in enumerate(range(0, frames_total, per_chunk))
+    ]
+
+
+async def _emit(on_progress: ProgressCallback, progress: Progress) -> None:
+    result = on_progress(progress)
+    if inspect.isawaitable(result):
+        await result
+
+
+class LambdaBackend:
+    """RenderBackend that renders in AWS Lambda and writes to s3://bucket/renders/<export id>.<format>."""
+
+    mode = RenderMode.LAMBDA
+
+    def __init__(self, config: LambdaBackendConfig, *, session: Any = None) -> None:
+        import aioboto3
+
+        self.config = config
+        self._session = session or aioboto3.Session()
+
+    @classmethod
+    def from_settings(cls, settings: LambdaSettingsLike, **overrides: Any) -> LambdaBackend:
+        return cls(LambdaBackendConfig.from_settings(settings, **overrides))
+
+    def keys_for(self, export_id: str, output_format: OutputFormat) -> RenderKeys:
+        if not _SAFE_EXPORT_ID.match(export_id):
+            raise RenderError(f"export id {export_id!r} cannot name an S3 object")
+        return RenderKeys(self.config.key_prefix, export_id, output_format.value)
+
+    def should_fan_out(self, assignment: RenderAssignment) -> bool:
+        composition = assignment.composition
+        return (
+            assignment.format is OutputFormat.MP4
+            and composition.duration_seconds > self.config.chunk_seconds
+            and len(plan_chunks(composition.frames_total, composition.fps, self.config.chunk_seconds)) > 1
+        )
+
+    async def render(self, assignment: RenderAssignment, on_progress: ProgressCallback) -> RenderOutput:
+        keys = self.keys_for(assignment.export_id, assignment.format)
+        async with self._session.client(
+            "lambda", endpoint_url=self.config.endpoint_url, config=lambda_client_config(self.config)
+        ) as client:
+            invoker = LambdaInvoker(client, self.config)
+            try:
+                if self.should_fan_out(assignment):
+                    answer = await self._render_chunked(invoker, assignment, keys, on_progress)
+                else:
+                    answer = await self._render_whole(invoker, assignment, keys, on_progress)
+            except BaseException:
+                # Failed or cancelled: whatever invocations still run must not leave objects behind.
+                await asyncio.shield(self._abandon(keys))
+                raise
+        return self._output(answer, assignment)
+
+    def _base_event(self, action: str, assignment: RenderAssignment, keys: RenderKeys) -> dict[str, Any]:
+        return {
+            "action": action,
+            "export_id": assignment.export_id,
+            "bucket": self.config.bucket,
+            "key_prefix": self.config.key_prefix,
+            "format": assignment.format.value,
+            "composition": composition_to_json(assignment.composition),
+        }
+
+    async def _render_whole(
+        self, invoker: LambdaInvoker, assignment: RenderAssignment, keys: RenderKeys, on_progress: ProgressCallback
+    ) -> dict[str, Any]:
+        frames_total = assignment.composition.frames_total
+        await _emit(on_progress, Progress(0, frames_total))
+        answer = await invoker.invoke(self._base_event(ACTION_RENDER, assignment, keys))
+        await _emit(on_progress, Progress(frames_total, frames_total))
+        return answer
+
+    async def _render_chunked(
+        self, invoker: LambdaInvoker, assignment: RenderAssignment, keys: RenderKeys, on_progress: ProgressCallback
+    ) -> dict[str, Any]:
+        composition = assignment.composition
+        chunks = plan_chunks(composition.frames_total, composition.fps, self.config.chunk_seconds)
+        slots = asyncio.Semaphore(self.config.max_concurrency)
+        done = 0
+        frames_done = 0
+        await _emit(on_progress, Progress(0, composition.frames_total, 0, len(chunks)))
+
+        async def limited(event: dict[str, Any]) -> Any:
+            async with slots:
+                return await invoker.invoke(event)
+
+        async def render_chunk(chunk: Chunk) -> str:
+            nonlocal done, frames_done
+            event = self._base_event(ACTION_CHUNK, assignment, keys)
+            event.update(index=chunk.index, first_frame=chunk.first_frame, frame_count=chunk.frame_count)
+            answer = await limited(event)
+            frames = int(answer.get("frames", -1))
+            if frames != chunk.frame_count:
+                raise RenderError(f"chunk {chunk.index} came back with {frames} frames, not {chunk.frame_count}")
+            done += 1
+            frames_done += chunk.frame_count
+            await _emit(on_progress, Progress(frames_done, composition.frames_total, done, len(chunks)))
+            return str(answer["key"])
+
+        async def render_audio() -> str | None:
+            if not composition.audio:
+                return None
+            answer = await limited(self._base_event(ACTION_AUDIO, assignment, keys))
+            return str(answer["key"])
+
+        # A TaskGroup cancels the siblings of the first failure.
+        async with asyncio.TaskGroup() as group:
+            chunk_tasks = [group.create_task(render_chunk(chunk)) for chunk in chunks]
+            audio_task = group.create_task(render_audio())
+        join = self._base_event(ACTION_JOIN, assignment, keys)
+        join.update(chunk_keys=[task.result() for task in chunk_tasks], audio_key=audio_task.result())
+        return await limited(join)
+
+    def _output(self, answer: Any, assignment: RenderAssignment) -> RenderOutput:
+        try:
+            bucket, key = str(answer["bucket"]), str(answer["key"])
+            size, duration = int(answer["size"]), float(answer["duration"])
+            frames = int(answer.get("frames", 0))
+        except (TypeError, KeyError, ValueError):
+            raise RenderError(f"Lambda answered without bucket/key/size/duration: {answer!r}"[:500]) from None
+        if assignment.format is not OutputFormat.GIF and frames and frames != assignment.composition.frames_total:
+            raise RenderError(
+                f"the render has {frames} frames, not the composition's {assignment.composition.frames_total}"
+            )
+        return RenderOutput(uri=f"s3://{bucket}/{key}", file_size_bytes=size, duration_seconds=duration,
+                            frames=frames)
+
+    async def _abandon(self, keys: RenderKeys) -> None:
+        """Best effort: mark the export abandoned (handlers check the marker before uploading) and delete
+        what was uploaded. Work parts left by a handler that passed the check expire by the bucket's
+        lifecycle rule on the parts prefix."""
+        try:
+            async with self._session.client("s3", endpoint_url=self.config.s3_endpoint_url) as s3:
+                await s3.put_object(Bucket=self.config.bucket, Key=keys.abandoned_marker, Body=b"")
+                paginator = s3.get_paginator("list_objects_v2")
+                doomed = [keys.final]
+                async for page in paginator.paginate(Bucket=self.config.bucket, Prefix=keys.parts_prefix):
+                    doomed += [item["Key"] for item in page.get("Contents", [])
+                               if item["Key"] != keys.abandoned_marker]
+                for start in range(0, len(doomed), 1000):
+                    await s3.delete_objects(
+                        Bucket=self.config.bucket,
+                        Delete={"Objects": [{"Key": key} for key in doomed[start : start + 1000]], "Quiet": True},
+                    )
+        except Exception:
+            log.warning("could not clean up %s after a failed render", keys.final, exc_info=True)
