@@ -1,0 +1,400 @@
+"""The metering core: the export ledger, quotas and leases, over PostgreSQL. Knows nothing of gRPC.
+
+Every state change of an export, its day's usage counter, its project row and the stats rollups
+happen in one transaction, so they never disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import asyncpg
+
+from metering import errors, pagination, stats, validation
+from metering.db import Database
+from metering.domain import (
+    Account,
+    CompleteRequest,
+    Export,
+    ExportPage,
+    ExportStatus,
+    ListExportsRequest,
+    NewExport,
+    OutputFormat,
+    RenderMode,
+    ReserveRequest,
+    ReserveResult,
+    Stats,
+    StatsRequest,
+    Usage,
+)
+from metering.quota import QuotaPolicy
+from metering.sql import QUERIES
+from metering.tiers import Tier, TierTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Expired:
+    """ExtendReservation found the lease already over: the expiry is committed, then refused."""
+
+    export: Export
+
+
+class MeteringCore:
+    def __init__(
+        self,
+        database: Database,
+        *,
+        tiers: TierTable,
+        lease_seconds: float,
+        policy: QuotaPolicy | None = None,
+    ) -> None:
+        self._db = database
+        self._tiers = tiers
+        self._lease = timedelta(seconds=lease_seconds)
+        self._policy = policy or QuotaPolicy()
+
+    # --- reservations -------------------------------------------------------------------------------
+
+    async def check_and_reserve(self, request: ReserveRequest) -> ReserveResult:
+        new = validation.new_export(request)
+        return await self._db.transaction(lambda connection: self._reserve(connection, new))
+
+    async def _reserve(self, connection: asyncpg.Connection, new: NewExport) -> ReserveResult:
+        fingerprint = new.fingerprint()
+        now = self._policy.now()
+        day = self._policy.day_of(now)
+        existing = await connection.fetchrow(
+            QUERIES["export_by_idempotency_key"], new.user_id, new.idempotency_key
+        )
+        if existing is None:
+            used = await connection.fetchval(QUERIES["lock_daily_usage"], new.user_id, day)
+            # A concurrent replay may have committed while this transaction waited for the lock.
+            existing = await connection.fetchrow(
+                QUERIES["export_by_idempotency_key"], new.user_id, new.idempotency_key
+            )
+        if existing is not None:
+            return await self._replay(connection, existing, fingerprint, now)
+
+        project_used = await connection.fetchval(QUERIES["lock_project_daily_usage"], new.project_id, day)
+        tier = self._tiers.resolve(await connection.fetchval(QUERIES["account_tier"], new.user_id))
+        self._policy.check(
+            tier,
+            user_id=new.user_id,
+            project_id=new.project_id,
+            duration_seconds=new.duration_seconds,
+            used_today=used,
+            project_used_today=project_used,
+            moment=now,
+        )
+        row = await connection.fetchrow(
+            QUERIES["insert_export"],
+            uuid.uuid4(),
+            new.user_id,
+            new.project_id,
+            new.idempotency_key,
+            fingerprint,
+            new.render_mode.value,
+            new.format.value,
+            new.resolution,
+            new.duration_seconds,
+            day,
+            now,
+            now + self._lease,
+        )
+        if row is None:  # the key was committed by a reservation counted on another day
+            existing = await connection.fetchrow(
+                QUERIES["export_by_idempotency_key"], new.user_id, new.idempotency_key
+            )
+            return await self._replay(connection, existing, fingerprint, now)
+        await connection.execute(QUERIES["add_daily_used"], new.user_id, day, 1)
+        await connection.execute(QUERIES["add_project_daily_used"], new.project_id, day, 1)
+        await connection.execute(QUERIES["touch_project"], new.project_id, new.user_id, now)
+        await connection.execute(
+            QUERIES["rollup_reserved"],
+            day,
+            new.user_id,
+            new.project_id,
+            new.format.value,
+            new.render_mode.value,
+            now,
+        )
+        export = export_from_row(row)
+        usage = await self._usage(connection, new.user_id, tier, used + 1, now)
+        log.info(
+            "export reserved",
+            extra={"export_id": export.export_id, "user_id": new.user_id, "used": used + 1, "tier": tier.name},
+        )
+        return ReserveResult(export=export, usage=usage, replayed=False)
+
+    async def _replay(
+        self, connection: asyncpg.Connection, row: asyncpg.Record, fingerprint: str, now: datetime
+    ) -> ReserveResult:
+        export = export_from_row(row)
+        if row["request_fingerprint"] != fingerprint:
+            raise errors.AlreadyExists(
+                f"idempotency_key {export.idempotency_key!r} was already used for a different request "
+                f"(export {export.export_id})"
+            )
+        tier = self._tiers.resolve(await connection.fetchval(QUERIES["account_tier"], export.user_id))
+        used = await connection.fetchval(QUERIES["daily_used"], export.user_id, self._policy.day_of(now))
+        usage = await self._usage(connection, export.user_id, tier, used or 0, now)
+        return ReserveResult(export=export, usage=usage, replayed=True)
+
+    async def _usage(
+        self, connection: asyncpg.Connection, user_id: str, tier: Tier, used: int, now: datetime
+    ) -> Usage:
+        return Usage(
+            user_id=user_id,
+            tier=tier.name,
+            used=used,
+            limit=tier.daily_limit,
+            in_flight=await connection.fetchval(QUERIES["in_flight"], user_id),
+            resets_at=self._policy.window(now).resets_at,
+            max_duration_seconds=tier.max_duration_seconds,
+        )
+
+    # --- closing an export --------------------------------------------------------------------------
+
+    async def complete(self, request: CompleteRequest) -> Export:
+        checked = validation.complete(request)
+        return await self._db.transaction(lambda connection: self._complete(connection, checked))
+
+    async def _complete(self, connection: asyncpg.Connection, request: CompleteRequest) -> Export:
+        assert request.outcome is not None
+        export = await self._lock_export(connection, request.export_id)
+        if export.status == request.outcome:
+            return export  # the same answer again: unchanged
+        if export.status not in (ExportStatus.RESERVED, ExportStatus.EXPIRED):
+            raise errors.FailedPrecondition(
+                f"export {export.export_id} is already {export.status.value}; "
+                f"it cannot also be {request.outcome.value}",
+                (
+                    errors.PreconditionViolation(
+                        "EXPORT_ALREADY_CLOSED", f"export:{export.export_id}", f"status is {export.status}"
+                    ),
+                ),
+            )
+        now = self._policy.now()
+        completed = request.outcome is ExportStatus.COMPLETED
+        row = await connection.fetchrow(
+            QUERIES["close_export"],
+            uuid.UUID(export.export_id),
+            request.outcome.value,
+            request.error or None,
+            request.file_size_bytes or None,
+            request.duration_seconds or None,
+            request.output_uri or None,
+            request.render_seconds or None,
+            now,
+        )
+        closed = export_from_row(row)
+        # Measured length when reported, else the length that was asked for.
+        length = (request.duration_seconds or export.requested_duration_seconds) if completed else 0.0
+        await self._move(
+            connection,
+            export,
+            request.outcome,
+            completed_seconds=length,
+            completed_bytes=request.file_size_bytes if completed else 0,
+        )
+        if completed and request.render_seconds > 0:
+            await connection.execute(
+                QUERIES["add_render_time"],
+                export.usage_day,
+                export.user_id,
+                export.project_id,
+                stats.render_time_bucket(request.render_seconds),
+            )
+        log.info(
+            "export closed",
+            extra={
+                "export_id": export.export_id,
+                "outcome": request.outcome.value,
+                "late": export.status is ExportStatus.EXPIRED,
+            },
+        )
+        return closed
+
+    async def _lock_export(self, connection: asyncpg.Connection, export_id: str) -> Export:
+        row = await connection.fetchrow(QUERIES["lock_export"], uuid.UUID(export_id))
+        if row is None:
+            raise errors.NotFound(f"export {export_id} not found")
+        return export_from_row(row)
+
+    async def _move(
+        self,
+        connection: asyncpg.Connection,
+        export: Export,
+        to: ExportStatus,
+        *,
+        completed_seconds: float = 0.0,
+        completed_bytes: int = 0,
+    ) -> None:
+        """Moves one export's counts from its old status to `to`: the day's usage (a slot is held by
+        RESERVED and COMPLETED only) and the rollup of the day it was created."""
+        slot_delta = int(to.holds_slot) - int(export.status.holds_slot)
+        if slot_delta:
+            await connection.execute(QUERIES["add_daily_used"], export.user_id, export.usage_day, slot_delta)
+            await connection.execute(
+                QUERIES["add_project_daily_used"], export.project_id, export.usage_day, slot_delta
+            )
+        columns = [
+            ExportStatus.RESERVED,
+            ExportStatus.COMPLETED,
+            ExportStatus.FAILED,
+            ExportStatus.CANCELLED,
+            ExportStatus.EXPIRED,
+        ]
+        deltas = [int(status is to) - int(status is export.status) for status in columns]
+        await connection.execute(
+            QUERIES["rollup_transition"],
+            export.usage_day,
+            export.user_id,
+            export.project_id,
+            export.format.value,
+            export.render_mode.value,
+            *deltas,
+            completed_seconds,
+            completed_bytes,
+        )
+
+    # --- leases -------------------------------------------------------------------------------------
+
+    async def extend_reservation(self, export_id: str) -> datetime:
+        checked = validation.export_id(export_id)
+        outcome = await self._db.transaction(lambda connection: self._extend(connection, checked))
+        if isinstance(outcome, _Expired):
+            raise errors.FailedPrecondition(
+                f"export {checked} is EXPIRED: its lease ran out at "
+                f"{outcome.export.lease_expires_at.isoformat()}",
+                (errors.PreconditionViolation("LEASE_EXPIRED", f"export:{checked}", "lease ran out"),),
+            )
+        return outcome
+
+    async def _extend(self, connection: asyncpg.Connection, export_id: str) -> datetime | _Expired:
+        export = await self._lock_export(connection, export_id)
+        if export.status is not ExportStatus.RESERVED:
+            raise errors.FailedPrecondition(
+                f"export {export_id} is {export.status.value}; only a RESERVED export can be extended",
+                (errors.PreconditionViolation("NOT_RESERVED", f"export:{export_id}", export.status.value),),
+            )
+        now = self._policy.now()
+        if export.lease_expires_at <= now:
+            # Overdue but not reaped yet: it expired all the same; record that rather than revive it.
+            await self._expire(connection, export, now)
+            return _Expired(export)
+        row = await connection.fetchrow(QUERIES["extend_lease"], uuid.UUID(export_id), now + self._lease)
+        return row["lease_expires_at"]
+
+    async def _expire(self, connection: asyncpg.Connection, export: Export, now: datetime) -> None:
+        await connection.execute(QUERIES["expire_export"], uuid.UUID(export.export_id), now)
+        await self._move(connection, export, ExportStatus.EXPIRED)
+        log.info("export expired", extra={"export_id": export.export_id, "user_id": export.user_id})
+
+    async def reap_expired(self, limit: int = 100) -> int:
+        """Marks overdue reservations EXPIRED, one short transaction each; safe on every replica at once."""
+        reaped = 0
+        while reaped < limit:
+            if not await self._db.transaction(self._reap_one):
+                break
+            reaped += 1
+        return reaped
+
+    async def _reap_one(self, connection: asyncpg.Connection) -> bool:
+        now = self._policy.now()
+        row = await connection.fetchrow(QUERIES["lock_overdue_reservation"], now)
+        if row is None:
+            return False
+        await self._expire(connection, export_from_row(row), now)
+        return True
+
+    # --- reading --------------------------------------------------------------------------------------
+
+    async def get_usage(self, user_id: str) -> Usage:
+        user_id = validation.identifier("user_id", user_id)
+        async with self._db.connection() as connection:
+            now = self._policy.now()
+            tier = self._tiers.resolve(await connection.fetchval(QUERIES["account_tier"], user_id))
+            used = await connection.fetchval(QUERIES["daily_used"], user_id, self._policy.day_of(now))
+            return await self._usage(connection, user_id, tier, used or 0, now)
+
+    async def list_exports(self, request: ListExportsRequest) -> ExportPage:
+        user_id = validation.identifier("user_id", request.user_id)
+        project_id = validation.optional_identifier("project_id", request.project_id)
+        page_size = validation.page_size(request.page_size)
+        cursor = pagination.decode(request.page_token, user_id=user_id, project_id=project_id)
+        async with self._db.connection() as connection:
+            if project_id is None:
+                rows = await connection.fetch(
+                    QUERIES["list_user_exports"], user_id, cursor.created_at, cursor.export_id, page_size + 1
+                )
+            else:
+                rows = await connection.fetch(
+                    QUERIES["list_project_exports"],
+                    user_id,
+                    project_id,
+                    cursor.created_at,
+                    cursor.export_id,
+                    page_size + 1,
+                )
+        exports = tuple(export_from_row(row) for row in rows[:page_size])
+        token = ""
+        if len(rows) > page_size:
+            last = rows[page_size - 1]
+            token = pagination.encode(
+                pagination.Cursor(last["created_at"], last["export_id"]),
+                user_id=user_id,
+                project_id=project_id,
+            )
+        return ExportPage(exports=exports, next_page_token=token)
+
+    async def get_stats(self, request: StatsRequest) -> Stats:
+        checked = validation.stats_request(request)
+        async with self._db.connection() as connection:
+            # One snapshot for all the queries of an answer, so its figures add up.
+            async with connection.transaction(readonly=True, isolation="repeatable_read"):
+                today = self._policy.day_of(self._policy.now())
+                return await stats.load_stats(connection, checked, today=today, tiers=self._tiers)
+
+    # --- accounts -----------------------------------------------------------------------------------
+
+    async def set_account_tier(self, user_id: str, tier: str) -> Account:
+        user_id = validation.identifier("user_id", user_id)
+        tier = validation.tier_name(tier, list(self._tiers))
+        async with self._db.connection() as connection:
+            row = await connection.fetchrow(QUERIES["upsert_account_tier"], user_id, tier, self._policy.now())
+        log.info("account tier set", extra={"user_id": user_id, "tier": tier})
+        return Account(row["user_id"], row["tier"], row["created_at"], row["updated_at"])
+
+    async def ping(self, max_wait: float) -> None:
+        await self._db.ping(max_wait)
+
+
+def export_from_row(row: asyncpg.Record) -> Export:
+    return Export(
+        export_id=str(row["export_id"]),
+        user_id=row["user_id"],
+        project_id=row["project_id"],
+        idempotency_key=row["idempotency_key"],
+        status=ExportStatus(row["status"]),
+        render_mode=RenderMode(row["render_mode"]),
+        format=OutputFormat(row["format"]),
+        resolution=row["resolution"],
+        requested_duration_seconds=row["requested_duration_seconds"],
+        created_at=row["created_at"],
+        lease_expires_at=row["lease_expires_at"],
+        usage_day=row["usage_day"],
+        duration_seconds=row["duration_seconds"],
+        file_size_bytes=row["file_size_bytes"],
+        output_uri=row["output_uri"],
+        render_seconds=row["render_seconds"],
+        error=row["error"],
+        completed_at=row["completed_at"],
+        expired_at=row["expired_at"],
+    )
