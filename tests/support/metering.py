@@ -23,12 +23,14 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from exportapi.metering.v1 import metering_pb2_grpc
+from exportapi.metering.v1 import metering_pb2, metering_pb2_grpc
 from metering.config import Config
 from metering.quota import Clock, system_clock
 from metering.server import MeteringServer
@@ -187,3 +189,63 @@ async def wait_health(target: str, wanted: int, *, timeout: float = 10.0, servic
 async def metering_stub(target: str) -> AsyncIterator[metering_pb2_grpc.MeteringStub]:
     async with grpc.aio.insecure_channel(target) as channel:
         yield metering_pb2_grpc.MeteringStub(channel)
+
+
+def reserve_request(
+    key: str = "key-1",
+    *,
+    user: str = "alice",
+    project: str = "project-1",
+    mode: int = metering_pb2.RENDER_MODE_LOCAL,
+    format: str = "mp4",
+    seconds: float = 10.0,
+    resolution: str = "160x120",
+) -> metering_pb2.CheckAndReserveRequest:
+    return metering_pb2.CheckAndReserveRequest(
+        idempotency_key=key,
+        user_id=user,
+        project_id=project,
+        render_mode=mode,
+        format=format,
+        duration_seconds=seconds,
+        resolution=resolution,
+    )
+
+
+_DETAIL_TYPES = (
+    error_details_pb2.QuotaFailure,
+    error_details_pb2.RetryInfo,
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.PreconditionFailure,
+    error_details_pb2.BadRequest,
+)
+
+
+def status_details(error: grpc.aio.AioRpcError) -> dict[type, object]:
+    """The google.rpc details of a failed call, by message type."""
+    found: dict[type, object] = {}
+    for key, value in error.trailing_metadata() or ():
+        if key != "grpc-status-details-bin":
+            continue
+        status = status_pb2.Status.FromString(value)
+        assert status.code == error.code().value[0] and status.message == error.details()
+        for packed in status.details:
+            for kind in _DETAIL_TYPES:
+                if packed.Is(kind.DESCRIPTOR):
+                    message = kind()
+                    packed.Unpack(message)
+                    found[kind] = message
+    return found
+
+
+class FakeClock:
+    """An injectable clock (metering.quota.Clock) that stands still until moved."""
+
+    def __init__(self, start: datetime) -> None:
+        self.moment = start
+
+    def __call__(self) -> datetime:
+        return self.moment
+
+    def advance(self, seconds: float) -> None:
+        self.moment += timedelta(seconds=seconds)

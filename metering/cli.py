@@ -1,0 +1,299 @@
+"""Operators' command line for a running metering service (at METERING_TARGET, default 127.0.0.1:50051).
+
+    python -m metering.cli stats [--user U] [--project P] [--days N]
+    python -m metering.cli usage U
+    python -m metering.cli history U [--project P] [--limit N]
+    python -m metering.cli set-tier U TIER
+    python -m metering.cli --json ...      (any command: the answer as JSON)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC
+from typing import TextIO
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from exportapi.metering.v1 import metering_pb2 as pb
+from exportapi.metering.v1 import metering_pb2_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+CALL_TIMEOUT_SECONDS = 15.0
+BAR_WIDTH = 40
+_STATUS_NAMES = {value: name.removeprefix("EXPORT_STATUS_") for name, value in pb.ExportStatus.items()}
+_MODE_NAMES = {pb.RENDER_MODE_LOCAL: "local", pb.RENDER_MODE_LAMBDA: "lambda"}
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    args = _parser().parse_args(argv)
+    target = args.target or os.environ.get("METERING_TARGET") or DEFAULT_TARGET
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = metering_pb2_grpc.MeteringStub(channel)
+            return args.run(stub, args, out)
+    except grpc.RpcError as error:
+        code = error.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            print(f"metering: cannot reach metering at {target} ({error.details()})", file=sys.stderr)
+            return 3
+        print(f"metering: {code.name}: {error.details()}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's own --json must not reset one given before the subcommand.
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    common.add_argument("--target", default=argparse.SUPPRESS, help="metering host:port (METERING_TARGET)")
+    parser = argparse.ArgumentParser(prog="python -m metering.cli", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+    parser.add_argument("--target", default=None, help=f"metering host:port (METERING_TARGET, {DEFAULT_TARGET})")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    stats = commands.add_parser("stats", parents=[common], help="export analytics, system-wide or narrowed")
+    stats.add_argument("--user", default="", help="one user's stats")
+    stats.add_argument("--project", default="", help="one project's stats")
+    stats.add_argument("--days", type=int, default=30, help="window in days ending today (30)")
+    stats.set_defaults(run=_stats)
+
+    usage = commands.add_parser("usage", parents=[common], help="a user's quota today")
+    usage.add_argument("user")
+    usage.set_defaults(run=_usage)
+
+    history = commands.add_parser("history", parents=[common], help="a user's exports, newest first")
+    history.add_argument("user")
+    history.add_argument("--project", default=None, help="only this project")
+    history.add_argument("--limit", type=int, default=20, help="how many exports (20)")
+    history.set_defaults(run=_history)
+
+    set_tier = commands.add_parser("set-tier", parents=[common], help="move a user to another tier")
+    set_tier.add_argument("user")
+    set_tier.add_argument("tier")
+    set_tier.set_defaults(run=_set_tier)
+    return parser
+
+
+def _print_json(message: object, out: TextIO) -> None:
+    print(json.dumps(message, indent=2, sort_keys=True), file=out)
+
+
+def _as_dict(message: object) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)  # type: ignore[arg-type]
+
+
+# --- commands -----------------------------------------------------------------------------------------
+
+
+def _stats(stub: metering_pb2_grpc.MeteringStub, args: argparse.Namespace, out: TextIO) -> int:
+    answer = stub.GetStats(
+        pb.GetStatsRequest(user_id=args.user, project_id=args.project, days=args.days),
+        timeout=CALL_TIMEOUT_SECONDS,
+    )
+    if args.json:
+        _print_json(_as_dict(answer), out)
+        return 0
+    scope = " and ".join(
+        part for part in (f"user {args.user}" if args.user else "", f"project {args.project}" if args.project else "")
+        if part
+    ) or "system-wide"
+    days = len(answer.daily)
+    print(f"Exports {scope}, {answer.window_start_date} .. {answer.window_end_date} ({days} days)", file=out)
+    print(file=out)
+    print(
+        _table(
+            ["exports", "completed", "failed", "cancelled", "expired", "in flight", "failure rate"],
+            [[
+                answer.total_exports, answer.completed, answer.failed, answer.cancelled, answer.expired,
+                answer.in_flight, f"{answer.failure_rate:.1%}",
+            ]],
+        ),
+        file=out,
+    )
+    print(file=out)
+    print(
+        _table(
+            ["avg length", "total size", "p50 render", "p95 render", "favorite", "last export"],
+            [[
+                f"{answer.avg_duration_seconds:.1f} s", _size(answer.total_bytes),
+                f"{answer.p50_render_seconds:.2f} s", f"{answer.p95_render_seconds:.2f} s",
+                answer.favorite_format or "-", _when(answer.last_export_at),
+            ]],
+        ),
+        file=out,
+    )
+    if answer.by_format or answer.by_render_mode:
+        print(file=out)
+        rows = [["format", name, count] for name, count in sorted(answer.by_format.items())]
+        rows += [["render mode", name, count] for name, count in sorted(answer.by_render_mode.items())]
+        print(_table(["by", "name", "exports"], rows), file=out)
+    print(file=out)
+    print("Daily exports", file=out)
+    print(bar_chart([(day.date, day.exports) for day in answer.daily]), file=out)
+    if answer.users:
+        print(file=out)
+        print("Busiest users", file=out)
+        print(
+            _table(
+                ["user", "tier", "exports", "today", "favorite", "last export"],
+                [
+                    [
+                        user.user_id, user.tier, user.total_exports,
+                        f"{user.used_today}/{user.daily_limit}" if user.HasField("daily_limit") else user.used_today,
+                        user.favorite_format or "-", _when(user.last_export_at),
+                    ]
+                    for user in answer.users
+                ],
+            ),
+            file=out,
+        )
+    if answer.projects:
+        print(file=out)
+        print("Busiest projects", file=out)
+        print(
+            _table(
+                ["project", "user", "exports", "last export"],
+                [[p.project_id, p.user_id, p.export_count, _when(p.last_export_at)] for p in answer.projects],
+            ),
+            file=out,
+        )
+    return 0
+
+
+def _usage(stub: metering_pb2_grpc.MeteringStub, args: argparse.Namespace, out: TextIO) -> int:
+    usage = stub.GetUsage(pb.GetUsageRequest(user_id=args.user), timeout=CALL_TIMEOUT_SECONDS).usage
+    if args.json:
+        _print_json(_as_dict(usage), out)
+        return 0
+    limit = f"of {usage.limit} ({usage.remaining} left)" if usage.HasField("limit") else "(no daily limit)"
+    longest = f"{usage.max_duration_seconds:g} s" if usage.HasField("max_duration_seconds") else "no limit"
+    rows = [
+        ["tier", usage.tier],
+        ["used today", f"{usage.used} {limit}"],
+        ["in flight", usage.in_flight],
+        ["longest video", longest],
+        ["resets at", _when(usage.resets_at)],
+    ]
+    print(f"User {usage.user_id}", file=out)
+    print(_table(None, rows), file=out)
+    return 0
+
+
+def _history(stub: metering_pb2_grpc.MeteringStub, args: argparse.Namespace, out: TextIO) -> int:
+    if args.limit < 1:
+        print("metering: --limit must be at least 1", file=sys.stderr)
+        return 2
+    exports: list[pb.Export] = []
+    token = ""
+    while len(exports) < args.limit:
+        request = pb.ListExportsRequest(
+            user_id=args.user, page_size=min(args.limit - len(exports), 1000), page_token=token
+        )
+        if args.project is not None:
+            request.project_id = args.project
+        page = stub.ListExports(request, timeout=CALL_TIMEOUT_SECONDS)
+        exports.extend(page.exports)
+        token = page.next_page_token
+        if not token:
+            break
+    if args.json:
+        _print_json([_as_dict(export) for export in exports], out)
+        return 0
+    if not exports:
+        print(f"No exports for {args.user}.", file=out)
+        return 0
+    print(
+        _table(
+            ["created", "project", "status", "format", "mode", "length", "size", "render", "export id"],
+            [
+                [
+                    _when(e.created_at), e.project_id, _STATUS_NAMES.get(e.status, "?"), e.format,
+                    _MODE_NAMES.get(e.render_mode, "?"),
+                    f"{(e.duration_seconds or e.requested_duration_seconds):g} s",
+                    _size(e.file_size_bytes) if e.file_size_bytes else "-",
+                    f"{e.render_seconds:.1f} s" if e.render_seconds else "-",
+                    e.export_id,
+                ]
+                for e in exports
+            ],
+        ),
+        file=out,
+    )
+    failed = [e for e in exports if e.error]
+    for export in failed[:5]:
+        print(f"  {export.export_id}: {export.error.splitlines()[0][:120]}", file=out)
+    return 0
+
+
+def _set_tier(stub: metering_pb2_grpc.MeteringStub, args: argparse.Namespace, out: TextIO) -> int:
+    account = stub.SetAccountTier(
+        pb.SetAccountTierRequest(user_id=args.user, tier=args.tier), timeout=CALL_TIMEOUT_SECONDS
+    ).account
+    if args.json:
+        _print_json(_as_dict(account), out)
+        return 0
+    print(f"{account.user_id} is now on the {account.tier} tier.", file=out)
+    return 0
+
+
+# --- formatting ---------------------------------------------------------------------------------------
+
+
+def _when(moment: Timestamp) -> str:
+    if not moment.seconds and not moment.nanos:
+        return "-"
+    return moment.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"
+
+
+def _table(headers: list[str] | None, rows: list[list[object]]) -> str:
+    cells = [[str(cell) for cell in row] for row in rows]
+    lines = ([headers] if headers else []) + cells
+    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
+    rendered = []
+    for index, line in enumerate(lines):
+        parts = [
+            cell.rjust(width) if _numeric(cell) and index else cell.ljust(width)
+            for cell, width in zip(line, widths, strict=True)
+        ]
+        rendered.append("  " + "  ".join(parts).rstrip())
+        if headers and index == 0:
+            rendered.append("  " + "  ".join("-" * width for width in widths))
+    return "\n".join(rendered)
+
+
+def _numeric(cell: str) -> bool:
+    return cell.replace(".", "", 1).replace("/", "", 1).replace("%", "").isdigit()
+
+
+def bar_chart(points: list[tuple[str, int]], width: int = BAR_WIDTH) -> str:
+    """One line a day: the date, a bar scaled to the busiest day, the count."""
+    if not points:
+        return "  (no days)"
+    peak = max(count for _, count in points)
+    lines = []
+    for label, count in points:
+        length = 0 if peak == 0 else round(count / peak * width)
+        if count and not length:
+            length = 1  # a day with exports never looks empty
+        lines.append(f"  {label} │{'█' * length}{' ' * (width - length)} {count}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
