@@ -8,7 +8,8 @@ tests compare values before and after (`sample_value`) instead of expecting abso
 
 Wiring (the interceptor goes FIRST, outermost, so it sees the status code the error mapping produced)::
 
-    server = grpc.aio.server(interceptors=[metrics.MetricsInterceptor(), *others])
+    service = metering_pb2.DESCRIPTOR.services_by_name["Metering"]
+    server = grpc.aio.server(interceptors=[metrics.MetricsInterceptor([service]), *others])
     metrics.initialize_tiers(tiers)  # denial series start at 0, so rate() sees the first one
     if config.metrics_listen:
         metrics_port, stop_metrics = metrics.start_metrics_server(config.metrics_listen)
@@ -29,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -37,6 +39,9 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 # 1 ms .. 10 s: a reservation is a single short transaction; anything near 10 s is an outage.
 RPC_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# Codes whose series exist from start-up for every method given to MetricsInterceptor(services=...).
+PREINITIALIZED_CODES = (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 
 GRPC_HANDLED = Counter(
     "grpc_server_handled_total",
@@ -248,9 +253,22 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     would run after this one has already recorded UNKNOWN.
     """
 
-    def __init__(self, handled: Counter = GRPC_HANDLED, seconds: Histogram = GRPC_HANDLING_SECONDS) -> None:
+    def __init__(
+        self,
+        services: Iterable[ServiceDescriptor] = (),
+        *,
+        handled: Counter = GRPC_HANDLED,
+        seconds: Histogram = GRPC_HANDLING_SECONDS,
+    ) -> None:
+        """`services`: protobuf service descriptors whose methods get their OK and error series created at 0
+        now, so that increase()/rate() in alerts see the first UNKNOWN or INTERNAL; a series that first
+        appears with value 1 looks like no increase at all."""
         self._handled = handled
         self._seconds = seconds
+        for service in services:
+            for method in service.methods:
+                for code in PREINITIALIZED_CODES:
+                    handled.labels(service.full_name, method.name, code.name)
 
     async def intercept_service(
         self,

@@ -369,3 +369,13 @@ def test_outbox_gauges_are_read_at_scrape_time() -> None:
         stop()
         m.set_outbox(0, 0)  # back to plain values for other tests
     assert "renderer_outbox_depth 0.0" in text and "renderer_outbox_dead_letters 1.0" in text
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
+def test_interceptor_creates_error_series_at_zero_for_the_services_it_is_given(module) -> None:
+    service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    module.MetricsInterceptor([service])
+    for method in ("Check", "Watch"):
+        for code in ("OK", "UNKNOWN", "INTERNAL"):
+            labels = {"grpc_service": "grpc.health.v1.Health", "grpc_method": method, "grpc_code": code}
+            assert module.REGISTRY.get_sample_value("grpc_server_handled_total", labels) is not None
