@@ -268,7 +268,7 @@ def _table(headers: list[str] | None, rows: list[list[object]]) -> str:
     rendered = []
     for index, line in enumerate(lines):
         parts = [
-            cell.rjust(width) if _numeric(cell) and index else cell.ljust(width)
+            cell.rjust(width) if headers and index and _numeric(cell) else cell.ljust(width)
             for cell, width in zip(line, widths, strict=True)
         ]
         rendered.append("  " + "  ".join(parts).rstrip())

@@ -42,7 +42,7 @@ async def test_a_free_user_gets_three_exports_a_day_and_the_fourth_is_refused_wi
         answers = [await stub.CheckAndReserve(reserve_request(f"k{n}", user="alice")) for n in range(3)]
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.CheckAndReserve(reserve_request("k3", user="alice"))
-    now = datetime.now(UTC)
+    now = answers[-1].export.created_at.ToDatetime(tzinfo=UTC)
 
     assert [a.usage.used for a in answers] == [1, 2, 3]
     assert [a.usage.remaining for a in answers] == [2, 1, 0]
