@@ -3,6 +3,7 @@ every alert has a test that fires and one that stays quiet, and the rules name o
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -87,3 +88,15 @@ def test_every_exported_metric_is_alerted_on_or_charted() -> None:
         used |= {family(name) for name in metric_names_in(expr)}
     exported = {family(name) for name in exported_metric_names() if not name.endswith("_created")}
     assert not exported - used, f"exported but neither charted nor alerted on: {sorted(exported - used)}"
+
+
+def test_every_alert_links_to_its_runbook_section() -> None:
+    readme = (PROMETHEUS_DIR.parent / "README.md").read_text()
+    anchors = {
+        re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in readme.splitlines()
+        if line.startswith("#")
+    }
+    for rule in alert_rules():
+        document, _, anchor = rule["annotations"]["runbook"].partition("#")
+        assert document == "deploy/README.md" and anchor in anchors, f"{rule['alert']}: no section {anchor!r}"
