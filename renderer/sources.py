@@ -127,6 +127,13 @@ class SourceResolver:
         for i, layer in enumerate(c.audio):
             self.check(layer.source, f"composition.audio[{i}].source", audio=True)
 
+    def resolve_file_source(self, source: str, field: str, *, audio: bool = False) -> LocalFile:
+        """A file source string -> the real file under the asset roots (InvalidArgument otherwise)."""
+        spec = parse_source(source, field, audio=audio)
+        if not isinstance(spec, FileSource):
+            raise SourceRefused(field, "is not a file source")
+        return self.resolve_file(spec, field)
+
     def resolve_file(self, spec: FileSource, field: str) -> LocalFile:
         if not self.asset_roots:
             raise SourceRefused(field, "file sources are not enabled on this renderer (no asset roots)")
