@@ -379,3 +379,53 @@ def test_interceptor_creates_error_series_at_zero_for_the_services_it_is_given(m
         for code in ("OK", "UNKNOWN", "INTERNAL"):
             labels = {"grpc_service": "grpc.health.v1.Health", "grpc_method": method, "grpc_code": code}
             assert module.REGISTRY.get_sample_value("grpc_server_handled_total", labels) is not None
+
+
+async def test_metering_wiring_records_the_codes_its_status_mapping_produces() -> None:
+    """MetricsInterceptor in front of metering's own interceptor chain, as metering.metrics documents."""
+    from datetime import UTC, datetime
+
+    from metering import errors
+    from metering.interceptors import interceptor_chain
+
+    service = "exportapi.metering.v1.Metering"
+
+    async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise errors.QuotaExceeded(
+            scope="user",
+            subject_id="u",
+            tier="free",
+            limit=3,
+            used=3,
+            resets_at=datetime.now(UTC),
+            retry_after_seconds=60.0,
+        )
+
+    async def crash(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise RuntimeError("a bug")
+
+    handler = grpc.method_handlers_generic_handler(
+        service,
+        {
+            "CheckAndReserve": grpc.unary_unary_rpc_method_handler(refuse),
+            "GetStats": grpc.unary_unary_rpc_method_handler(crash),
+        },
+    )
+    server = grpc.aio.server(interceptors=[metering_metrics.MetricsInterceptor(), *interceptor_chain()])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    m = metering_metrics
+    before_refused = handled(m, service, "CheckAndReserve", "RESOURCE_EXHAUSTED")
+    before_internal = handled(m, service, "GetStats", "INTERNAL")
+    before_unknown = handled(m, service, "GetStats", "UNKNOWN")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            refused = await call_code(channel.unary_unary(f"/{service}/CheckAndReserve")(b""))
+            crashed = await call_code(channel.unary_unary(f"/{service}/GetStats")(b""))
+    finally:
+        await server.stop(0)
+    assert (refused, crashed) == (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL)
+    assert handled(m, service, "CheckAndReserve", "RESOURCE_EXHAUSTED") == before_refused + 1
+    assert handled(m, service, "GetStats", "INTERNAL") == before_internal + 1
+    assert handled(m, service, "GetStats", "UNKNOWN") == before_unknown
