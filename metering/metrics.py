@@ -64,6 +64,8 @@ EXPORT_STATUSES = ("reserved", "completed", "failed", "cancelled", "expired")
 RENDER_MODES = ("local", "lambda")
 FORMATS = ("mp4", "webm", "gif")
 
+# Ledger-wide: set it from a count in the database (e.g. in the health-probe loop), not from this process's
+# own calls; every replica then reports the same value and the dashboard takes max().
 RESERVATIONS_IN_FLIGHT = Gauge(
     "metering_reservations_in_flight",
     "Exports currently RESERVED (a render holds a slot and has not completed).",
