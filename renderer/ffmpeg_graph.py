@@ -122,9 +122,10 @@ def build_render(
     audio = graph.audio(settings.audio_sample_rate)
     streams = [video] if audio is None else [video, audio]
     if fmt is OutputFormat.GIF:
+        # A palette per frame: a whole-video palette would hold every frame in memory until the end.
         split = video.filter_multi_output("split")
-        palette = split[0].filter("palettegen", stats_mode="full")
-        streams = [ffmpeg.filter([split[1], palette], "paletteuse", dither="bayer", bayer_scale=3)]
+        palette = split[0].filter("palettegen", stats_mode="single")
+        streams = [ffmpeg.filter([split[1], palette], "paletteuse", new=1, dither="bayer", bayer_scale=3)]
         options: dict[str, object] = {"format": "gif", "r": _rate(graph.rate), "loop": 0}
     elif fmt is OutputFormat.WEBM:
         options = {"format": "webm", **_vp9_options(settings, graph.rate)}

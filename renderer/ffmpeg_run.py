@@ -18,7 +18,7 @@ import logging
 import signal
 import tempfile
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -34,7 +34,7 @@ from renderer.ffmpeg_graph import (
     build_video_chunk,
     fps_fraction,
 )
-from renderer.sources import SourceResolver
+from renderer.sources import LocalFile, ResolvedSource, SourceResolver
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,8 @@ async def render_composition(
     async with _work_dir(work_root, output) as workdir:
         sources = await resolver.resolve_composition(c, workdir)
         command = build_render(c, fmt, output, sources, workdir=workdir, settings=settings)
-        await run_ffmpeg(command.args, on_progress=_frames_progress(command.frames_total, on_progress))
+        with _user_facing_errors(sources, workdir, output):
+            await run_ffmpeg(command.args, on_progress=_frames_progress(command.frames_total, on_progress))
         return command
 
 
@@ -225,7 +226,8 @@ async def render_video_chunk(
     async with _work_dir(work_root, output) as workdir:
         sources = await resolver.resolve_composition(c, workdir)
         command = build_video_chunk(c, first_frame, frame_count, output, sources, workdir=workdir, settings=settings)
-        await run_ffmpeg(command.args, on_progress=_frames_progress(frame_count, on_progress))
+        with _user_facing_errors(sources, workdir, output):
+            await run_ffmpeg(command.args, on_progress=_frames_progress(frame_count, on_progress))
         return command
 
 
@@ -243,7 +245,8 @@ async def render_audio_track(
     async with _work_dir(work_root, output) as workdir:
         sources = await resolver.resolve_composition(c, workdir)
         command = build_audio(c, output, sources, workdir=workdir, settings=settings)
-        await run_ffmpeg(command.args, on_progress=_time_progress(c, on_progress))
+        with _user_facing_errors(sources, workdir, output):
+            await run_ffmpeg(command.args, on_progress=_time_progress(c, on_progress))
         return command
 
 
@@ -266,8 +269,26 @@ async def join_chunks(
             frames_total=c.frames_total,
             duration_seconds=float(c.frames_total / rate),
         )
-        await run_ffmpeg(command.args)
+        with _user_facing_errors({}, workdir, output):
+            await run_ffmpeg(command.args)
         return command
+
+
+@contextlib.contextmanager
+def _user_facing_errors(sources: Mapping[str, ResolvedSource], workdir: Path, output: Path):  # -> Iterator[None]
+    """ffmpeg's error names files by the renderer's paths; the user sees the sources as they wrote them, and
+    nothing of the server's directory layout."""
+    try:
+        yield
+    except RenderError as exc:
+        replacements = [
+            (str(resolved.path), source) for source, resolved in sources.items() if isinstance(resolved, LocalFile)
+        ]
+        replacements += [(str(output.resolve()), "<output>"), (str(output), "<output>"), (str(workdir), "<work>")]
+        message = str(exc)
+        for path, shown in sorted(replacements, key=lambda pair: -len(pair[0])):
+            message = message.replace("file:" + path, shown).replace(path, shown)
+        raise RenderError(message) from exc
 
 
 @contextlib.asynccontextmanager

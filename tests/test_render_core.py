@@ -86,6 +86,16 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [exe, "-v", "error", "-y", "-f", "lavfi", "-i", "sine=f=660:r=44100:d=1", str(root / "tone.wav")],
         check=True,
     )
+    subprocess.run(  # '%d' in the name: an image is one file, never an image2 sequence pattern
+        [exe, "-v", "error", "-y", "-f", "lavfi", "-i", "color=c=red:s=40x40:d=0.1", "-frames:v", "1",
+         "-update", "1", str(root / "square%d.png")],
+        check=True,
+    )
+    subprocess.run(
+        [exe, "-v", "error", "-y", "-f", "lavfi", "-i", "color=c=blue:s=64x48:r=10:d=1", "-c:v", "libvpx-vp9",
+         "-deadline", "realtime", "-cpu-used", "8", str(root / "blue.webm")],
+        check=True,
+    )
     (root / "corrupt.mp4").write_bytes(b"\x00\x01garbage" * 500)
     return root
 
@@ -153,6 +163,18 @@ async def test_clips_are_scaled_to_fit_trimmed_and_placed_on_the_timeline(backen
     assert near(mean_rgb(during, 40, 2, 120, 16), NAVY)  # letterbox above the scaled clip
     assert near(mean_rgb(during, 40, 104, 120, 118), NAVY)  # and below
     assert near(mean_rgb(after, 40, 40, 120, 80), NAVY)  # 0.5 + 0.7 = 1.2 s: gone at 1.3 s
+
+
+async def test_images_and_webm_files_are_clips_too(backend: LocalBackend) -> None:
+    c = tiny(1.0, clips=(Clip("blue.webm", duration=0.5), Clip("square%d.png", start=0.5)))
+    output = await backend.render(assignment(c, OutputFormat.MP4, "images"), lambda p: None)
+    path = urlparse(output.uri).path
+    assert output.frames == 10
+    # the 4:3 webm fills the frame; the square image becomes 120x120, centred, pillarboxed
+    assert near(mean_rgb(decode_frame_rgb(path, 2), 0, 0, 160, 120), BLUE)
+    late = decode_frame_rgb(path, 7)
+    assert near(mean_rgb(late, 30, 10, 130, 110), RED)
+    assert near(mean_rgb(late, 0, 10, 15, 110), NAVY)
 
 
 async def test_later_clips_are_drawn_over_earlier_ones(backend: LocalBackend) -> None:
@@ -340,6 +362,8 @@ async def test_a_failing_render_raises_ffmpegs_error_and_leaves_no_file(backend:
         await backend.render(assignment(c, OutputFormat.MP4, "broken"), lambda p: None)
     message = str(caught.value)
     assert "ffmpeg failed" in message and "Invalid data found" in message
+    assert "corrupt.mp4" in message and str(backend.output_dir) not in message
+    assert str(next(iter(backend.resolver.asset_roots))) not in message  # the user's name, not the server's path
     assert not os.listdir(backend.output_dir)
 
 
@@ -351,6 +375,37 @@ async def test_a_refused_source_fails_before_ffmpeg_runs(backend: LocalBackend) 
     with pytest.raises(SourceRefused):
         await backend.render(assignment(c, OutputFormat.MP4, "refused"), lambda p: None)
     assert not os.listdir(backend.output_dir)
+
+
+async def test_concurrent_renders_each_get_their_own_complete_file(backend: LocalBackend) -> None:
+    c = tiny(1.0, clips=(Clip("testsrc:"),), texts=(TextLayer("same text", x=4, y=4, font_size=14),))
+    outputs = await asyncio.gather(
+        *(backend.render(assignment(c, fmt, f"concurrent-{fmt.value}"), lambda p: None) for fmt in OutputFormat)
+    )
+    assert sorted(os.listdir(backend.output_dir)) == sorted(f"concurrent-{f.value}.{f.value}" for f in OutputFormat)
+    assert all(output.frames == 10 for output in outputs)
+
+
+class _DirectoryFetcher:
+    """A stand-in for S3 that serves objects from a directory (the Lambda tests use moto's real S3)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    async def fetch(self, bucket: str, key: str, destination: Path) -> None:
+        source = self.root / bucket / key
+        if not source.is_file():
+            raise FileNotFoundError(key)
+        destination.write_bytes(source.read_bytes())
+
+
+async def test_s3_sources_are_fetched_through_the_configured_fetcher(tmp_path: Path, assets: Path) -> None:
+    (tmp_path / "s3" / "media").mkdir(parents=True)
+    (tmp_path / "s3" / "media" / "clip.mp4").write_bytes((assets / "red_then_blue.mp4").read_bytes())
+    backend = LocalBackend(tmp_path / "renders", s3_fetcher=_DirectoryFetcher(tmp_path / "s3"), s3_buckets=["media"])
+    c = tiny(1.0, clips=(Clip("s3://media/clip.mp4", trim_start=1.0),))
+    output = await backend.render(assignment(c, OutputFormat.MP4, "from-s3"), lambda p: None)
+    assert near(mean_rgb(decode_frame_rgb(urlparse(output.uri).path, 3), 40, 40, 120, 80), BLUE)
 
 
 def _pids_running(marker: str) -> list[int]:
