@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	sh deploy/tools/ensure_promtool.sh
 	touch $(STAMP)
 
 GEN_DIR ?= gen

@@ -13,9 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_committed_gen_matches_protos(tmp_path: Path) -> None:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    # -o: never reinstall the venv from inside a test.
+    command = ["make", "--no-print-directory", "-o", ".venv/.installed", "gen", f"GEN_DIR={tmp_path / 'gen'}"]
     result = subprocess.run(
-        ["make", "--no-print-directory", "-o", ".venv/.installed", "gen", f"GEN_DIR={tmp_path / 'gen'}", f"PY={sys.executable}"],
-        cwd=REPO, env=env, capture_output=True, text=True, check=False,
+        [*command, f"PY={sys.executable}"], cwd=REPO, env=env, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
     differences = _diff(filecmp.dircmp(REPO / "gen", tmp_path / "gen"))
