@@ -141,6 +141,10 @@ class RenderError(Exception):
 class RenderBackend(Protocol):
     mode: RenderMode
 
+    def check(self, composition: Composition) -> None:
+        """Raise InvalidArgument for sources this backend cannot read. Cheap; runs before reserving."""
+        ...
+
     async def render(self, assignment: RenderAssignment, on_progress: ProgressCallback) -> RenderOutput:
         """Render one reserved export. Cancellation (asyncio.CancelledError) stops the work and removes
         partial output before re-raising."""

@@ -148,8 +148,10 @@ class JobRunner:
         """Reserve with metering, then queue the render. Metering's refusals propagate unchanged."""
         validate_composition(request.composition, max_duration_seconds=None)
         mode = request.mode or self._default_mode
-        if mode not in self._backends:
+        backend = self._backends.get(mode)
+        if backend is None:
             raise BackendUnavailable(f"{mode.value} rendering is not configured on this renderer")
+        backend.check(request.composition)  # unreadable sources are the caller's error, before any quota is used
         key = (request.user_id, request.idempotency_key)
         pending = self._by_key.get(key)
         if pending is not None:
