@@ -180,7 +180,9 @@ async def test_sigterm_lets_in_flight_calls_finish_then_exits(database_url: str)
             await asyncio.sleep(0.05)
 
         metering.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
         while not any(entry.get("msg") == "draining" for entry in metering.log()):
+            assert time.monotonic() < deadline, "SIGTERM did not start a drain"
             await asyncio.sleep(0.05)
         async with metering_stub(metering.target) as late_stub:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
