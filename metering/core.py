@@ -72,7 +72,7 @@ class MeteringCore:
         existing = await connection.fetchrow(
             QUERIES["export_by_idempotency_key"], new.user_id, new.idempotency_key
         )
-        if existing is None:
+        if existing is None:  # not a replay we can answer without the lock
             used = await connection.fetchval(QUERIES["lock_daily_usage"], new.user_id, day)
             # A concurrent replay may have committed while this transaction waited for the lock.
             existing = await connection.fetchrow(

@@ -99,8 +99,8 @@ def resolution(value: str) -> str:
 
 
 def complete(request: CompleteRequest) -> CompleteRequest:
-    """Checks a Complete and returns it with its error text bounded."""
-    export_id(request.export_id)
+    """Checks a Complete and returns it with its export id normalized and its error text bounded."""
+    checked_id = export_id(request.export_id)
     if request.outcome not in OUTCOMES:
         raise errors.InvalidArgument(
             "outcome",
@@ -121,7 +121,7 @@ def complete(request: CompleteRequest) -> CompleteRequest:
     if _CONTROL.search(request.output_uri):
         raise errors.InvalidArgument("output_uri", "must not contain control characters")
     return CompleteRequest(
-        export_id=export_id(request.export_id),
+        export_id=checked_id,
         outcome=request.outcome,
         error=bounded_error_text(request.error),
         file_size_bytes=request.file_size_bytes,
