@@ -37,6 +37,7 @@ class Config:
     db_command_timeout_seconds: float
     db_startup_timeout_seconds: float
     log_level: str
+    metrics_listen: str | None = None  # host:port of /metrics; None: not served
 
     @property
     def listen_address(self) -> str:
@@ -84,7 +85,16 @@ class Config:
             db_command_timeout_seconds=_seconds(env, "METERING_DB_COMMAND_TIMEOUT_SECONDS", 30.0),
             db_startup_timeout_seconds=_seconds(env, "METERING_DB_STARTUP_TIMEOUT_SECONDS", 30.0),
             log_level=log_level,
+            metrics_listen=_metrics_listen(env),
         )
+
+
+def _metrics_listen(env: Mapping[str, str]) -> str | None:
+    value = (env.get("METERING_METRICS_LISTEN") or "").strip()
+    if not value:
+        return None
+    host, port = parse_listen("METERING_METRICS_LISTEN", value)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_listen(variable: str, value: str) -> tuple[str, int]:

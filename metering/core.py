@@ -10,6 +10,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 import asyncpg
 
@@ -45,6 +46,22 @@ class _Expired:
     export: Export
 
 
+class MeteringEvents(Protocol):
+    """What the core reports as it goes, for metrics; calls must be cheap and must not raise."""
+
+    def export_moved(self, status: ExportStatus, export: Export) -> None: ...
+
+    def denied(self, tier: str, reason: str) -> None: ...
+
+
+class _NoEvents:
+    def export_moved(self, status: ExportStatus, export: Export) -> None:
+        pass
+
+    def denied(self, tier: str, reason: str) -> None:
+        pass
+
+
 class MeteringCore:
     def __init__(
         self,
@@ -53,17 +70,29 @@ class MeteringCore:
         tiers: TierTable,
         lease_seconds: float,
         policy: QuotaPolicy | None = None,
+        events: MeteringEvents | None = None,
     ) -> None:
         self._db = database
         self._tiers = tiers
         self._lease = timedelta(seconds=lease_seconds)
         self._policy = policy or QuotaPolicy()
+        self._events = events or _NoEvents()
 
     # --- reservations -------------------------------------------------------------------------------
 
     async def check_and_reserve(self, request: ReserveRequest) -> ReserveResult:
         new = validation.new_export(request)
-        return await self._db.transaction(lambda connection: self._reserve(connection, new))
+        try:
+            result = await self._db.transaction(lambda connection: self._reserve(connection, new))
+        except errors.QuotaExceeded as denial:
+            self._events.denied(denial.tier, "project_daily_limit" if denial.scope == "project" else "daily_limit")
+            raise
+        except errors.DurationTooLong as denial:
+            self._events.denied(denial.tier, "duration")
+            raise
+        if not result.replayed:
+            self._events.export_moved(ExportStatus.RESERVED, result.export)
+        return result
 
     async def _reserve(self, connection: asyncpg.Connection, new: NewExport) -> ReserveResult:
         fingerprint = new.fingerprint()
@@ -238,6 +267,8 @@ class MeteringCore:
     ) -> None:
         """Moves one export's counts from its old status to `to`: the day's usage (a slot is held by
         RESERVED and COMPLETED only) and the rollup of the day it was created."""
+        # Reported before commit: a transaction that then fails over-counts a metric, never the ledger.
+        self._events.export_moved(to, export)
         slot_delta = int(to.holds_slot) - int(export.status.holds_slot)
         if slot_delta:
             await connection.execute(QUERIES["add_daily_used"], export.user_id, export.usage_day, slot_delta)
@@ -361,6 +392,11 @@ class MeteringCore:
             async with connection.transaction(readonly=True, isolation="repeatable_read"):
                 today = self._policy.day_of(self._policy.now())
                 return await stats.load_stats(connection, checked, today=today, tiers=self._tiers)
+
+    async def count_in_flight(self) -> int:
+        """Reservations held right now, system-wide (a partial index keeps this cheap)."""
+        async with self._db.connection() as connection:
+            return int(await connection.fetchval(QUERIES["in_flight_total"]))
 
     # --- accounts -----------------------------------------------------------------------------------
 

@@ -63,6 +63,9 @@ RETURNING user_id, tier, created_at, updated_at;
 -- name: in_flight
 SELECT count(*) FROM exports WHERE user_id = $1 AND status = 'RESERVED';
 
+-- name: in_flight_total
+SELECT count(*) FROM exports WHERE status = 'RESERVED';
+
 -- name: insert_export
 -- Nothing is inserted when the idempotency key was committed meanwhile by a reservation on another day.
 INSERT INTO exports (

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,15 +16,17 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from exportapi.metering.v1 import metering_pb2, metering_pb2_grpc
-from metering import db, errors, migrate
+from metering import db, errors, metrics, migrate
 from metering.config import Config
 from metering.core import MeteringCore
+from metering.domain import Export, ExportStatus
 from metering.interceptors import METERING_SERVICE, interceptor_chain
 from metering.quota import Clock, QuotaPolicy, system_clock
 from metering.servicer import MeteringServicer
 
 log = logging.getLogger("metering.server")
 
+_SERVICE = metering_pb2.DESCRIPTOR.services_by_name["Metering"]
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -41,6 +44,8 @@ class MeteringServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._serving: bool | None = None
         self.port = 0
+        self.metrics_port = 0
+        self._stop_metrics: Callable[[], None] | None = None
         self.core: MeteringCore | None = None
 
     @property
@@ -66,7 +71,11 @@ class MeteringServer:
                 tiers=config.tiers,
                 lease_seconds=config.lease_seconds,
                 policy=QuotaPolicy(self._clock, config.day_zone),
+                events=_MetricEvents(),
             )
+            metrics.initialize_tiers(config.tiers)
+            if config.metrics_listen:
+                self.metrics_port, self._stop_metrics = metrics.start_metrics_server(config.metrics_listen)
             await self._start_grpc()
         except BaseException:
             await self._close_pool()
@@ -87,7 +96,11 @@ class MeteringServer:
 
     async def _start_grpc(self) -> None:
         # SO_REUSEPORT off: a second server on a taken port must fail, not share it silently.
-        server = grpc.aio.server(interceptors=interceptor_chain(), options=[("grpc.so_reuseport", 0)])
+        # The metrics interceptor goes first (outermost) so it records the codes the error mapping produced.
+        server = grpc.aio.server(
+            interceptors=[metrics.MetricsInterceptor([_SERVICE]), *interceptor_chain()],
+            options=[("grpc.so_reuseport", 0)],
+        )
         assert self.core is not None
         metering_pb2_grpc.add_MeteringServicer_to_server(MeteringServicer(self.core), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -95,7 +108,7 @@ class MeteringServer:
             await self._health.set(service, _NOT_SERVING)
         reflection.enable_server_reflection(
             (
-                metering_pb2.DESCRIPTOR.services_by_name["Metering"].full_name,
+                _SERVICE.full_name,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -115,13 +128,15 @@ class MeteringServer:
         timeout = max(0.5, min(self.config.health_probe_seconds, 5.0))
         try:
             await self.core.ping(timeout)
+            metrics.set_reservations_in_flight(await self.core.count_in_flight())
             serving = True
-        except (errors.Unavailable, TimeoutError) as error:
+        except (errors.Unavailable, TimeoutError, OSError) as error:
             serving = False
             if self._serving is not False:
                 log.warning("database not answering: NOT_SERVING", extra={"error": str(error)})
         if serving and self._serving is False:
             log.info("database answering again: SERVING")
+        metrics.set_database_up(serving)
         if serving != self._serving:
             self._serving = serving
             for service in ("", METERING_SERVICE):
@@ -164,6 +179,9 @@ class MeteringServer:
                 await task
         self._tasks = []
         await self._close_pool()
+        if self._stop_metrics is not None:
+            self._stop_metrics()
+            self._stop_metrics = None
 
     async def _close_pool(self) -> None:
         if self._pool is None:
@@ -173,6 +191,16 @@ class MeteringServer:
             await asyncio.wait_for(pool.close(), timeout=5)
         except (TimeoutError, OSError):
             pool.terminate()
+
+
+class _MetricEvents:
+    def export_moved(self, status: ExportStatus, export: Export) -> None:
+        metrics.record_export_transition(status.value.lower(), export.render_mode.value, export.format.value)
+        if status is ExportStatus.EXPIRED:
+            metrics.record_reservations_expired(1)
+
+    def denied(self, tier: str, reason: str) -> None:
+        metrics.record_denial(tier, reason)
 
 
 async def serve(config: Config, database_url: str) -> int:

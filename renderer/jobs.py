@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -104,6 +104,7 @@ class Job:
     file_size_bytes: int = 0
     duration_seconds: float = 0.0
     error: str = ""
+    render_seconds: float = 0.0  # wall time of the render, once it ended
 
 
 class CompletionSink(Protocol):
@@ -128,15 +129,16 @@ class JobRunner:
         default_mode: RenderMode = RenderMode.LOCAL,
         concurrency: int = 1,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        on_finished: Callable[[Job, float], Awaitable[None] | None] | None = None,
+        on_transition: Callable[[Job, JobState | None], None] | None = None,
     ) -> None:
+        """`on_transition(job, previous_state)` sees every state change (previous None for a new job)."""
         self._metering = metering
         self._completions = completions
         self._backends = dict(backends)
         self._default_mode = default_mode
         self._slots = asyncio.Semaphore(concurrency)
         self._clock = clock
-        self._on_finished = on_finished
+        self._on_transition = on_transition
         self._entries: dict[str, _Entry] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._by_key: dict[tuple[str, str], asyncio.Future[str]] = {}
@@ -247,6 +249,8 @@ class JobRunner:
         )
         entry = _Entry(job=job, request=request)
         self._entries[job.job_id] = entry
+        if self._on_transition is not None:
+            self._on_transition(job, None)
         assignment = RenderAssignment(reservation, request.composition, request.format)
         entry.task = asyncio.create_task(self._run(entry, assignment, self._backends[mode]), name=job.job_id)
         log.info(
@@ -302,7 +306,7 @@ class JobRunner:
         closing.add_done_callback(self._closing_tasks.discard)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(closing)
-        changes: dict[str, object] = {"state": state, "error": error}
+        changes: dict[str, object] = {"state": state, "error": error, "render_seconds": render_seconds}
         if output is not None:
             changes |= {
                 "output_uri": output.uri,
@@ -318,10 +322,6 @@ class JobRunner:
             extra={"job_id": entry.job.job_id, "export_id": entry.job.export_id, "state": state.value,
                    "render_seconds": round(render_seconds, 3), "error": error[:200]},
         )
-        if self._on_finished is not None:
-            result = self._on_finished(entry.job, render_seconds)
-            if asyncio.iscoroutine(result):
-                await result
 
     async def _heartbeat(self, reservation: Reservation) -> None:
         """Keep the reservation's lease alive while the job is queued or rendering."""
@@ -353,7 +353,10 @@ class JobRunner:
         )
 
     def _update(self, entry: _Entry, **changes: object) -> None:
+        previous = entry.job.state
         entry.job = dataclasses.replace(entry.job, updated_at=self._clock(), **changes)  # type: ignore[arg-type]
+        if entry.job.state is not previous and self._on_transition is not None:
+            self._on_transition(entry.job, previous)
         for queue in entry.watchers:
             queue.put_nowait(entry.job)
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -13,16 +14,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from exportapi.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from renderer import metrics
 from renderer.config import ConfigError, RendererConfig, is_loopback
 from renderer.domain import RenderBackend, RenderMode
-from renderer.jobs import JobRunner
+from renderer.jobs import Job, JobRunner, JobState
 from renderer.local_backend import LocalBackend
 from renderer.metering_client import GrpcMeteringClient
 from renderer.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = renderer_pb2.DESCRIPTOR.services_by_name["Renderer"].full_name
+SERVICE = renderer_pb2.DESCRIPTOR.services_by_name["Renderer"]
+SERVICE_NAME = SERVICE.full_name
 HEALTH_PROBE_SECONDS = 2.0
 
 
@@ -34,6 +37,7 @@ class RunningRenderer:
     outbox: Outbox
     metering: GrpcMeteringClient
     health_task: asyncio.Task[None]
+    stop_metrics: Callable[[], None] | None = None
 
     @property
     def target(self) -> str:
@@ -48,6 +52,8 @@ class RunningRenderer:
             await self.health_task
         await self.outbox.close()
         await self.metering.close()
+        if self.stop_metrics is not None:
+            self.stop_metrics()
 
 
 def build_backends(config: RendererConfig) -> dict[RenderMode, RenderBackend]:
@@ -78,8 +84,9 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
         build_backends(config),
         default_mode=config.default_mode,
         concurrency=config.concurrency,
+        on_transition=_record_transition,
     )
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[metrics.MetricsInterceptor([SERVICE])])
     renderer_pb2_grpc.add_RendererServicer_to_server(_servicer(runner), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -89,8 +96,23 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
         raise ConfigError(f"cannot listen on {config.listen}")
     await server.start()
     health_task = asyncio.create_task(_follow_metering_health(metering, health_servicer))
+    stop_metrics = None
+    if config.metrics_listen:
+        metrics.track_outbox(outbox.depth, lambda: len(outbox.dead_letters()))
+        metrics_port, stop_metrics = metrics.start_metrics_server(config.metrics_listen)
+        log.info("metrics serving", extra={"listen": config.metrics_listen, "port": metrics_port})
     log.info("renderer serving", extra={"listen": config.listen, "port": port, "metering": config.metering_target})
-    return RunningRenderer(server, port, runner, outbox, metering, health_task)
+    return RunningRenderer(server, port, runner, outbox, metering, health_task, stop_metrics)
+
+
+def _record_transition(job: Job, previous: JobState | None) -> None:
+    metrics.record_job_state(job.mode, job.format, job.state)
+    if job.state is JobState.RENDERING:
+        metrics.JOBS_IN_PROGRESS.labels(job.mode.value).inc()
+    elif previous is JobState.RENDERING:
+        metrics.JOBS_IN_PROGRESS.labels(job.mode.value).dec()
+    if job.state.terminal:
+        metrics.observe_render(job.mode, job.format, job.state, job.render_seconds)
 
 
 def _servicer(runner: JobRunner) -> renderer_pb2_grpc.RendererServicer:

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import grpc
 
 from exportapi.renderer.v1 import renderer_pb2_grpc
-from renderer import converters
+from renderer import converters, metrics
 from renderer.errors import InvalidArgument
 from renderer.jobs import BackendUnavailable, IdempotencyConflict, JobNotFound, JobRunner
 from renderer.metering_client import request_id_var
@@ -36,6 +36,7 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> NoRetur
         case BackendUnavailable():
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         case MeteringUnavailable():
+            metrics.record_metering_unavailable()
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{error}; nothing was rendered")
         case MeteringRejected(status=grpc.aio.AioRpcError() as upstream):
             trailers = tuple((k, v) for k, v in (upstream.trailing_metadata() or ()) if k in _FORWARDED_TRAILERS)
