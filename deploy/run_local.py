@@ -36,6 +36,8 @@ def wait_serving(target: str, process: subprocess.Popen[bytes], name: str) -> No
 
 
 def main() -> int:
+    # SIGTERM (a supervisor, `timeout`) stops both servers the same way Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     env = dict(os.environ)
     metering_listen = env.setdefault("METERING_LISTEN", "127.0.0.1:50051")
     env.setdefault("METERING_TARGET", metering_listen)

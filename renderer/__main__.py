@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# ffmpeg is started with fork+exec while gRPC threads run; gRPC's fork handlers only get in the way
+# (and log a warning per render). Must be set before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 import asyncio
 import sys
 

@@ -64,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             print(_describe(error), file=sys.stderr)
             return 1
     print(json_format.MessageToJson(job, preserving_proto_field_name=True))
-    if job.state in _TERMINAL and job.state != renderer_pb2.RenderJob.SUCCEEDED:
+    state = renderer_pb2.RenderJob.State.Name(job.state)
+    if job.state == renderer_pb2.RenderJob.SUCCEEDED:
+        summary = f"{job.output_uri} ({job.file_size_bytes:,} bytes, {job.duration_seconds:.2f} s)"
+        print(f"{state}: {summary}", file=sys.stderr)
+    elif job.state in _TERMINAL:
+        print(f"{state}: {job.error}", file=sys.stderr)
         return 1
     return 0
 
