@@ -20,12 +20,12 @@ import inspect
 import json
 import logging
 import random
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from renderer.domain import (
+    Composition,
     OutputFormat,
     Progress,
     ProgressCallback,
@@ -34,6 +34,7 @@ from renderer.domain import (
     RenderMode,
     RenderOutput,
 )
+from renderer.errors import SourceRefused
 from renderer.lambda_handler import (
     ACTION_AUDIO,
     ACTION_CHUNK,
@@ -42,11 +43,11 @@ from renderer.lambda_handler import (
     RenderKeys,
     composition_to_json,
 )
+from renderer.validation import FileSource, S3Source, parse_source
 
 log = logging.getLogger(__name__)
 
 THROTTLE_ERROR_CODES = frozenset({"TooManyRequestsException"})
-_SAFE_EXPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class LambdaSettingsLike(Protocol):
@@ -71,6 +72,8 @@ class LambdaBackendConfig:
     endpoint_url: str | None = None  # AWS_ENDPOINT_URL_LAMBDA
     s3_endpoint_url: str | None = None  # AWS_ENDPOINT_URL_S3
     key_prefix: str = "renders/"
+    # Buckets s3:// sources may come from (RENDER_SOURCE_BUCKETS); empty: any the function's role can read.
+    source_buckets: frozenset[str] = frozenset()
     throttle_retries: int = 8
     throttle_base_delay_seconds: float = 0.25
     throttle_max_delay_seconds: float = 20.0
@@ -236,6 +239,21 @@ def plan_chunks(frames_total: int, fps: float, chunk_seconds: float) -> list[Chu
     ]
 
 
+def _first_render_error(failures: BaseExceptionGroup[Any]) -> BaseException:
+    """The error to report from a failed fan-out: the first RenderError, else the first error."""
+    leaves: list[BaseException] = []
+
+    def walk(group: BaseExceptionGroup[Any]) -> None:
+        for exc in group.exceptions:
+            if isinstance(exc, BaseExceptionGroup):
+                walk(exc)
+            else:
+                leaves.append(exc)
+
+    walk(failures)
+    return next((exc for exc in leaves if isinstance(exc, RenderError)), leaves[0])
+
+
 async def _emit(on_progress: ProgressCallback, progress: Progress) -> None:
     result = on_progress(progress)
     if inspect.isawaitable(result):
@@ -257,10 +275,25 @@ class LambdaBackend:
     def from_settings(cls, settings: LambdaSettingsLike, **overrides: Any) -> LambdaBackend:
         return cls(LambdaBackendConfig.from_settings(settings, **overrides))
 
+    def check(self, composition: Composition) -> None:
+        """Raise InvalidArgument for sources Lambda cannot read: files on this node (only s3:// objects and
+        generated sources reach the function) and buckets off the allow-list. Call it before reserving."""
+        layers = [(f"composition.clips[{i}].source", clip.source, False) for i, clip in enumerate(composition.clips)]
+        layers += [(f"composition.audio[{i}].source", a.source, True) for i, a in enumerate(composition.audio)]
+        for field, source, audio in layers:
+            spec = parse_source(source, field, audio=audio)
+            if isinstance(spec, FileSource):
+                raise SourceRefused(field, "Lambda renders read s3:// sources, not files on the renderer")
+            if isinstance(spec, S3Source) and self.config.source_buckets and (
+                spec.bucket not in self.config.source_buckets
+            ):
+                raise SourceRefused(field, f"bucket {spec.bucket!r} is not allowed")
+
     def keys_for(self, export_id: str, output_format: OutputFormat) -> RenderKeys:
-        if not _SAFE_EXPORT_ID.match(export_id):
-            raise RenderError(f"export id {export_id!r} cannot name an S3 object")
-        return RenderKeys(self.config.key_prefix, export_id, output_format.value)
+        try:
+            return RenderKeys(self.config.key_prefix, export_id, output_format.value)
+        except ValueError as exc:
+            raise RenderError(str(exc)) from None
 
     def should_fan_out(self, assignment: RenderAssignment) -> bool:
         composition = assignment.composition
@@ -320,7 +353,7 @@ class LambdaBackend:
             async with slots:
                 return await invoker.invoke(event)
 
-        async def render_chunk(chunk: Chunk) -> str:
+        async def render_chunk(chunk: Chunk) -> None:
             nonlocal done, frames_done
             event = self._base_event(ACTION_CHUNK, assignment, keys)
             event.update(index=chunk.index, first_frame=chunk.first_frame, frame_count=chunk.frame_count)
@@ -331,20 +364,18 @@ class LambdaBackend:
             done += 1
             frames_done += chunk.frame_count
             await _emit(on_progress, Progress(frames_done, composition.frames_total, done, len(chunks)))
-            return str(answer["key"])
 
-        async def render_audio() -> str | None:
-            if not composition.audio:
-                return None
-            answer = await limited(self._base_event(ACTION_AUDIO, assignment, keys))
-            return str(answer["key"])
-
-        # A TaskGroup cancels the siblings of the first failure.
-        async with asyncio.TaskGroup() as group:
-            chunk_tasks = [group.create_task(render_chunk(chunk)) for chunk in chunks]
-            audio_task = group.create_task(render_audio())
+        # A TaskGroup cancels the siblings of the first failure. Audio first: it is one long invocation.
+        try:
+            async with asyncio.TaskGroup() as group:
+                if composition.audio:
+                    group.create_task(limited(self._base_event(ACTION_AUDIO, assignment, keys)))
+                for chunk in chunks:
+                    group.create_task(render_chunk(chunk))
+        except ExceptionGroup as failures:
+            raise _first_render_error(failures) from None
         join = self._base_event(ACTION_JOIN, assignment, keys)
-        join.update(chunk_keys=[task.result() for task in chunk_tasks], audio_key=audio_task.result())
+        join.update(chunk_count=len(chunks), with_audio=bool(composition.audio))
         return await limited(join)
 
     def _output(self, answer: Any, assignment: RenderAssignment) -> RenderOutput:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import importlib
 import json
 import logging
@@ -182,9 +183,15 @@ class _Worker:
         return json.loads(line)
 
     async def kill(self) -> None:
+        """Like Lambda ending a sandbox: the worker and everything it started, including children that
+        made their own session (the ffmpeg runner does), so no render outlives its invocation."""
         if self.proc.returncode is None:
+            doomed = _descendants(self.proc.pid)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
+            for pid in doomed:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
         await self.proc.wait()
 
     async def close(self) -> None:
@@ -196,6 +203,31 @@ class _Worker:
             except TimeoutError:
                 pass
         await self.kill()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc; elsewhere only the process group is killed)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
+                ppid = int(stat.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
 
 
 class WorkerPool:
@@ -628,6 +660,8 @@ async def serve(settings: LocalLambdaSettings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: a stuck handler shows where it waits.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if argv == ["--worker"]:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
         _worker_main()

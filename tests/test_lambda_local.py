@@ -8,6 +8,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aioboto3
@@ -139,6 +140,26 @@ async def test_timeout_kills_the_worker_and_answers_like_lambda(env: LambdaEnv) 
     answers = await asyncio.gather(*(invoke(env, {"op": "sleep", "seconds": 0.2}) for _ in range(2)))
     assert len({answer["pid"] for answer in answers}) == 2
     assert (await env.state())["stats"]["timed_out"] == 2
+
+
+async def test_timeout_also_kills_what_the_handler_started(env: LambdaEnv, tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    with pytest.raises(LambdaFunctionError, match="timed out"):
+        await invoke(env, {"op": "child_sleep", "seconds": 60, "pid_file": str(pid_file)}, function="slow")
+    child = int(pid_file.read_text())
+    for _ in range(50):
+        if not process_alive(child):
+            break
+        await asyncio.sleep(0.05)
+    assert not process_alive(child)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
 
 
 async def test_timeout_can_be_changed_per_function_at_run_time(env: LambdaEnv) -> None:

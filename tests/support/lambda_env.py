@@ -44,7 +44,7 @@ FAKE_AWS_ENV = {
 
 
 def probe_handler(event: dict[str, Any], context: Any) -> Any:
-    """A trivial Lambda handler: `{"op": "echo" | "sleep" | "fail" | "exit" | "s3_put" | "env", ...}`."""
+    """A trivial Lambda handler: `{"op": "echo" | "sleep" | "fail" | "exit" | "s3_put" | "child_sleep" | "env"}`."""
     op = event.get("op", "echo")
     if op == "echo":
         return {"event": event, "pid": os.getpid(), "function": context.function_name,
@@ -61,6 +61,14 @@ def probe_handler(event: dict[str, Any], context: Any) -> Any:
 
         boto3.client("s3").put_object(Bucket=event["bucket"], Key=event["key"], Body=event["body"].encode())
         return {"put": event["key"]}
+    if op == "child_sleep":  # a child in its own session (as the ffmpeg runner starts ffmpeg), then wait
+        import subprocess
+        from pathlib import Path
+
+        child = subprocess.Popen(["sleep", str(event["seconds"])], start_new_session=True)
+        Path(event["pid_file"]).write_text(str(child.pid))
+        child.wait()
+        return {"child": child.pid}
     if op == "env":
         return {name: os.environ.get(name) for name in event["names"]}
     raise ValueError(f"unknown op {op!r}")

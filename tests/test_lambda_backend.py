@@ -1,0 +1,250 @@
+"""LambdaBackend end to end: the real handler in lambda_local's workers, renders landing in moto S3.
+
+Renders are tiny (160x120, 10 fps) and short; a "long" video is 3 s with 1 s chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from renderer.domain import (
+    RESERVATION_SEAL,
+    AudioLayer,
+    Clip,
+    Composition,
+    OutputFormat,
+    Progress,
+    RenderAssignment,
+    RenderError,
+    Reservation,
+    TextLayer,
+)
+from renderer.errors import SourceRefused
+from renderer.lambda_backend import LambdaBackend, LambdaBackendConfig, LambdaFunctionError
+from renderer.media import decode_frame_rgb, measure
+from tests.support.lambda_env import LambdaEnv, lambda_environment
+
+pytestmark = pytest.mark.timeout(180)
+
+CHUNK_SECONDS = 1.0
+
+
+@pytest.fixture(scope="module")
+async def env() -> AsyncIterator[LambdaEnv]:
+    async with lambda_environment(workers=2) as lambda_env:
+        yield lambda_env
+
+
+@pytest.fixture(autouse=True)
+async def clean_switches(env: LambdaEnv) -> None:
+    await env.configure(throttle_next=0, max_concurrency=None, timeouts={env.function_name: 900}, reset_stats=True)
+
+
+def backend_for(env: LambdaEnv, **overrides: Any) -> LambdaBackend:
+    settings: dict[str, Any] = {
+        "chunk_seconds": CHUNK_SECONDS,
+        "max_concurrency": 2,
+        "throttle_base_delay_seconds": 0.05,
+        "throttle_max_delay_seconds": 0.5,
+    }
+    settings.update(overrides)
+    return LambdaBackend(LambdaBackendConfig(
+        function_name=env.function_name, bucket=env.bucket,
+        endpoint_url=env.lambda_endpoint, s3_endpoint_url=env.s3_endpoint, **settings,
+    ))
+
+
+def assignment(composition: Composition, fmt: OutputFormat = OutputFormat.MP4) -> RenderAssignment:
+    # Stands in for the job runner's reservation; the metered path is covered in test_lambda_metered.
+    reservation = Reservation(f"exp-{uuid.uuid4().hex[:12]}", datetime.now(UTC), RESERVATION_SEAL)
+    return RenderAssignment(reservation, composition, fmt)
+
+
+def tiny(seconds: float, *, audio: bool = True, clips: tuple[Clip, ...] | None = None) -> Composition:
+    return Composition(
+        width=160, height=120, fps=10, duration_seconds=seconds, background="navy",
+        clips=clips if clips is not None else (Clip("testsrc:", 0, 0, seconds),),
+        texts=(TextLayer("50% off: {x}", 0, seconds, 8, 8, 16, "white"),),
+        audio=(AudioLayer("sine:440", 0, 0.5),) if audio else (),
+    )
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[Progress] = []
+
+    async def __call__(self, progress: Progress) -> None:
+        self.events.append(progress)
+
+
+def fetch(env: LambdaEnv, uri: str, directory: Path) -> Path:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    assert bucket == env.bucket
+    path = directory / key.rsplit("/", 1)[1]
+    env.s3_client().download_file(bucket, key, str(path))
+    return path
+
+
+def keys_under(env: LambdaEnv, prefix: str) -> list[str]:
+    listed = env.s3_client().list_objects_v2(Bucket=env.bucket, Prefix=prefix)
+    return [item["Key"] for item in listed.get("Contents", [])]
+
+
+async def test_a_short_mp4_is_one_invocation_and_lands_in_s3(env: LambdaEnv, tmp_path: Path) -> None:
+    job = assignment(tiny(1.0))
+    progress = Recorder()
+    output = await backend_for(env).render(job, progress)
+
+    assert output.uri == f"s3://{env.bucket}/renders/{job.export_id}.mp4"
+    path = fetch(env, output.uri, tmp_path)
+    assert path.stat().st_size == output.file_size_bytes > 0
+    info = measure(path)
+    assert info.frames == output.frames == 10
+    assert info.duration_seconds == pytest.approx(1.0, abs=0.05)
+    assert output.duration_seconds == pytest.approx(1.0, abs=0.05)
+    assert info.has_audio
+    assert progress.events[-1].fraction == 1.0
+    assert (await env.state())["stats"]["invocations"] == {env.function_name: 1}
+
+
+@pytest.mark.parametrize("fmt", [OutputFormat.WEBM, OutputFormat.GIF])
+async def test_webm_and_gif_render_in_one_invocation_however_long(
+    env: LambdaEnv, tmp_path: Path, fmt: OutputFormat
+) -> None:
+    job = assignment(tiny(2.0, audio=False), fmt)
+    output = await backend_for(env).render(job, Recorder())
+    assert output.uri.endswith(f"/renders/{job.export_id}.{fmt.value}")
+    info = measure(fetch(env, output.uri, tmp_path))
+    assert info.duration_seconds == pytest.approx(2.0, abs=0.11)
+    assert (await env.state())["stats"]["invocations"] == {env.function_name: 1}
+
+
+async def test_a_long_mp4_fans_out_and_comes_back_whole(env: LambdaEnv, tmp_path: Path) -> None:
+    # Red until 1.5 s, then blue: the switch falls inside the second chunk, so a chunk rendered at the
+    # wrong place in the timeline shows the wrong colour.
+    seconds = 3.0
+    clips = (Clip("color:red", 0, 0, 1.5), Clip("color:blue", 1.5, 0, 1.5))
+    job = assignment(tiny(seconds, clips=clips))
+    progress = Recorder()
+    output = await backend_for(env, max_concurrency=2).render(job, progress)
+
+    path = fetch(env, output.uri, tmp_path)
+    info = measure(path)
+    assert info.frames == output.frames == 30
+    assert info.duration_seconds == pytest.approx(seconds, abs=0.05)
+    assert info.audio is not None and info.audio.duration_seconds == pytest.approx(seconds, abs=0.05)
+    for frame, colour in ((0, "red"), (14, "red"), (15, "blue"), (29, "blue")):
+        assert dominant(path, frame) == colour, f"frame {frame}"
+
+    state = await env.state()
+    # 3 chunks + the audio track + the join, never more than RENDER_LAMBDA_MAX_CONCURRENCY at once.
+    assert state["stats"]["invocations"] == {env.function_name: 5}
+    assert state["stats"]["peak_running"] <= 2
+    chunk_steps = [(p.chunks_done, p.chunks_total) for p in progress.events]
+    assert chunk_steps[0] == (0, 3) and chunk_steps[-1] == (3, 3)
+    assert [done for done, _ in chunk_steps] == sorted(done for done, _ in chunk_steps)
+    assert keys_under(env, f"renders/_parts/{job.export_id}/") == []  # the join removed its parts
+
+
+def dominant(path: Path, frame: int) -> str:
+    _, _, rgb = decode_frame_rgb(path, frame)
+    # Sample the middle row, away from the text in the corner.
+    width = 160
+    row = rgb[60 * width * 3 : 61 * width * 3]
+    red, blue = sum(row[0::3]) / width, sum(row[2::3]) / width
+    return "red" if red > 150 and blue < 80 else "blue" if blue > 150 and red < 80 else f"r{red:.0f} b{blue:.0f}"
+
+
+async def test_throttled_chunks_are_retried_and_each_renders_once(env: LambdaEnv, tmp_path: Path) -> None:
+    await env.configure(throttle_next=3)
+    job = assignment(tiny(2.0, audio=False))
+    output = await backend_for(env).render(job, Recorder())
+    assert measure(fetch(env, output.uri, tmp_path)).frames == 20
+    stats = (await env.state())["stats"]
+    assert stats["throttled"] == 3
+    assert stats["invocations"] == {env.function_name: 3}  # 2 chunks + join, each once
+
+
+async def test_a_function_error_fails_the_render_with_its_message(env: LambdaEnv) -> None:
+    missing = f"s3://{env.bucket}/sources/missing.mp4"
+    job = assignment(tiny(1.0, clips=(Clip(missing, 0, 0, 1.0),)))
+    with pytest.raises(LambdaFunctionError, match=r"missing\.mp4") as caught:
+        await backend_for(env).render(job, Recorder())
+    assert isinstance(caught.value, RenderError)
+    assert_nothing_left(env, job)
+
+
+async def test_a_timed_out_chunk_fails_the_whole_render(env: LambdaEnv) -> None:
+    await env.configure(timeouts={env.function_name: 0.3})
+    # Big enough that no chunk finishes in 0.3 s; each is killed at 0.3 s, so it stays cheap.
+    heavy = Composition(width=1920, height=1080, fps=30, duration_seconds=2.0, clips=(Clip("testsrc:", 0, 0, 2.0),))
+    job = assignment(heavy)
+    with pytest.raises(RenderError, match=r"timed out.*Task timed out after 0\.30 seconds"):
+        await backend_for(env).render(job, Recorder())
+    await wait_idle(env)
+    assert_nothing_left(env, job)
+    assert (await env.state())["stats"]["timed_out"] >= 1
+
+
+async def test_cancelling_leaves_no_output_behind(env: LambdaEnv) -> None:
+    job = assignment(tiny(3.0))
+    started = asyncio.Event()
+
+    async def on_progress(progress: Progress) -> None:
+        started.set()
+
+    task = asyncio.create_task(backend_for(env).render(job, on_progress))
+    await started.wait()
+    await asyncio.sleep(0.3)  # invocations are running in the workers
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The invocations run to their end (Lambda cannot be stopped); none may upload after the marker.
+    await wait_idle(env)
+    assert_nothing_left(env, job)
+
+
+async def test_an_s3_source_is_fetched_by_the_function(env: LambdaEnv, tmp_path: Path) -> None:
+    # A red clip rendered by the function becomes the source of the next render.
+    red = await backend_for(env).render(
+        assignment(tiny(1.0, audio=False, clips=(Clip("color:red", 0, 0, 1.0),))), Recorder()
+    )
+    first_key = red.uri.split("/", 3)[3]
+    env.s3_client().copy_object(
+        Bucket=env.bucket, Key="sources/red.mp4", CopySource={"Bucket": env.bucket, "Key": first_key}
+    )
+    job = assignment(tiny(1.0, audio=False, clips=(Clip(f"s3://{env.bucket}/sources/red.mp4", 0, 0, 1.0),)))
+    output = await backend_for(env).render(job, Recorder())
+    path = fetch(env, output.uri, tmp_path)
+    assert measure(path).frames == 10
+    assert dominant(path, 5) == "red"
+
+
+def test_check_refuses_sources_lambda_cannot_read() -> None:
+    backend = LambdaBackend(LambdaBackendConfig("f", "b", source_buckets=frozenset({"media"})))
+    backend.check(tiny(1.0, clips=(Clip("s3://media/a.mp4", 0, 0, 1.0),)))
+    with pytest.raises(SourceRefused, match=r"composition\.clips\[0\]\.source"):
+        backend.check(tiny(1.0, clips=(Clip("clips/a.mp4", 0, 0, 1.0),)))
+    with pytest.raises(SourceRefused, match="not allowed"):
+        backend.check(tiny(1.0, clips=(Clip("s3://elsewhere/a.mp4", 0, 0, 1.0),)))
+
+
+def assert_nothing_left(env: LambdaEnv, job: RenderAssignment) -> None:
+    """No output, and of the work parts only the marker that tells late handlers not to upload."""
+    assert keys_under(env, f"renders/{job.export_id}.") == []
+    assert keys_under(env, f"renders/_parts/{job.export_id}/") == [f"renders/_parts/{job.export_id}/ABANDONED"]
+
+
+async def wait_idle(env: LambdaEnv) -> None:
+    for _ in range(200):
+        if (await env.state())["stats"]["running"] == 0:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("lambda_local still running invocations")
