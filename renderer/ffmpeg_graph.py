@@ -4,7 +4,8 @@ concatenation of anything a user wrote).
 What reaches ffmpeg's syntax: validated numbers, hex colours from `validation.parse_color`, paths the
 renderer chose (resolved asset files, its own work directory). User text is written to a per-render text
 file and drawn with `drawtext=textfile=...:expansion=none`, so `: ' \\ % [ ] ;`, `%{...}` and newlines are
-drawn literally and can never change the graph.
+drawn literally and can never change the graph. Generated sources (color, testsrc2, sine) are source
+filters inside -filter_complex, never `-f lavfi` inputs (see `_SourceFilter`); only files are inputs.
 
 Builders, all pure apart from writing the text files into `workdir`:
   build_render       the whole composition in one format (mp4 / webm / gif), audio included
@@ -201,7 +202,7 @@ def build_join(
         streams.append(ffmpeg.input(_file_url(audio_path), format="mp4", protocol_whitelist="file")["a:0"])
     node = ffmpeg.output(*streams, str(output), **options)
     return FfmpegCommand(
-        args=_finish(node.compile(cmd=ffmpeg_exe())),
+        args=_finish(_compile(node)),
         output=output,
         frames_total=frames_total,
         duration_seconds=duration_seconds,
@@ -251,18 +252,18 @@ class _Graph:
         until = _num(self._seconds(Fraction(2 * j1 - 1, 2)))
         return f"gte(t,{since})*lt(t,{until})"
 
-    def _lavfi(self, spec: str) -> ffmpeg.nodes.FilterableStream:
-        return ffmpeg.input(spec, format="lavfi")
-
     # --- video ----------------------------------------------------------------------------------------
 
     def video(self) -> ffmpeg.nodes.FilterableStream:
         c = self.c
         size = f"{c.width}x{c.height}"
         # One spare frame of source, cut exactly by trim: the frame count never depends on float rounding.
-        stream = self._lavfi(
-            f"color=c=0x{parse_color(c.background, 'composition.background')}:s={size}:r={_rate(self.rate)}"
-            f":d={_num(self._seconds(self.count + 1))}"
+        stream = _source(
+            "color",
+            c="0x" + parse_color(c.background, "composition.background"),
+            s=size,
+            r=_rate(self.rate),
+            d=_num(self._seconds(self.count + 1)),
         ).filter("trim", end_frame=self.count)
         stream = stream.filter("setpts", "PTS-STARTPTS").filter("setsar", "1")
         for index, clip in enumerate(c.clips):
@@ -310,11 +311,11 @@ class _Graph:
         match source:
             case GeneratedTestPattern():
                 # No seeking in a generator: render from 0 and drop what precedes the offset.
-                stream = self._lavfi(
-                    f"testsrc2=s={c.width}x{c.height}:r={rate}:d={_num(offset + self._seconds(frames + 1))}"
+                stream = _source(
+                    "testsrc2", s=f"{c.width}x{c.height}", r=rate, d=_num(offset + self._seconds(frames + 1))
                 ).filter("trim", start=_num(offset))
             case GeneratedColor(hex_rgb):
-                stream = self._lavfi(f"color=c=0x{hex_rgb}:s={c.width}x{c.height}:r={rate}:d={length}")
+                stream = _source("color", c=f"0x{hex_rgb}", s=f"{c.width}x{c.height}", r=rate, d=length)
             case LocalFile(path, demuxer, is_image) if is_image:
                 stream = ffmpeg.input(
                     _file_url(path),
@@ -356,7 +357,7 @@ class _Graph:
             source = self.sources[layer.source]
             match source:
                 case GeneratedSine(frequency_hz):
-                    stream = self._lavfi(f"sine=f={_num(frequency_hz)}:r={sample_rate}:d={_num(available)}")
+                    stream = _source("sine", f=_num(frequency_hz), r=sample_rate, d=_num(available))
                 case LocalFile(path, demuxer, False):
                     stream = ffmpeg.input(
                         _file_url(path), format=demuxer, t=_num(available), protocol_whitelist="file"
@@ -394,7 +395,7 @@ class _Graph:
     ) -> FfmpegCommand:
         node = ffmpeg.output(*streams, str(output), **options)
         return FfmpegCommand(
-            args=_finish(node.compile(cmd=ffmpeg_exe())),
+            args=_finish(_compile(node)),
             output=output,
             frames_total=frames_total,
             duration_seconds=self._seconds(self.count) if frames_total else self._seconds(self.frames_total),
@@ -403,6 +404,60 @@ class _Graph:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+class _SourceFilter(ffmpeg.nodes.FilterNode):
+    """A filter with no inputs (color, testsrc2, sine) inside -filter_complex.
+
+    Generated sources are never `-f lavfi -i ...` inputs: the imageio-ffmpeg binary (ffmpeg 9.0.2) deadlocks
+    now and then, every thread in a futex wait, when lavfi inputs feed a graph that also has audio."""
+
+    def __init__(self, name: str, kwargs: Mapping[str, object]) -> None:
+        ffmpeg.nodes.Node.__init__(
+            self,
+            stream_spec=None,
+            name=name,
+            incoming_stream_types={ffmpeg.nodes.FilterableStream},
+            outgoing_stream_type=ffmpeg.nodes.FilterableStream,
+            min_inputs=0,
+            max_inputs=0,
+            args=[],
+            kwargs=dict(kwargs),
+        )
+
+    # ffmpeg-python identifies a node by its arguments alone (not even its name): two sources with the same
+    # arguments would become one node feeding two pads, which it refuses. Each source is its own node.
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+def _source(name: str, **kwargs: object) -> ffmpeg.nodes.FilterableStream:
+    return _SourceFilter(name, kwargs).stream()
+
+
+def _compile(node: ffmpeg.nodes.OutputStream) -> list[str]:
+    """`node.compile()` that also accepts a graph without any -i input (only source filters): ffmpeg-python
+    0.2's own get_args reduces the input list without an initial value."""
+    from ffmpeg._run import _get_filter_arg, _get_input_args, _get_output_args
+    from ffmpeg.dag import topo_sort
+
+    nodes, outgoing_edge_maps = topo_sort(ffmpeg.nodes.get_stream_spec_nodes(node))
+    inputs = [n for n in nodes if isinstance(n, ffmpeg.nodes.InputNode)]
+    filters = [n for n in nodes if isinstance(n, ffmpeg.nodes.FilterNode)]
+    outputs = [n for n in nodes if isinstance(n, ffmpeg.nodes.OutputNode)]
+    stream_names = {(n, None): str(i) for i, n in enumerate(inputs)}
+    filter_arg = _get_filter_arg(filters, outgoing_edge_maps, stream_names)
+    args = [ffmpeg_exe()]
+    for n in inputs:
+        args += _get_input_args(n)
+    if filter_arg:
+        args += ["-filter_complex", filter_arg]
+    for n in outputs:
+        args += _get_output_args(n, stream_names)
+    return args
 
 
 def _x264_options(settings: EncoderSettings, rate: Fraction) -> dict[str, object]:

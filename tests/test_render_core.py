@@ -321,6 +321,24 @@ def test_every_chunk_is_encoded_with_the_same_settings_and_starts_on_a_keyframe(
         build_video_chunk(c, 15, 6, tmp_path / "x.mp4", sources, workdir=tmp_path)
 
 
+async def test_generated_sources_are_filters_inside_the_graph_never_lavfi_inputs(tmp_path: Path) -> None:
+    """The imageio-ffmpeg binary deadlocks now and then when `-f lavfi` inputs feed a graph with audio; source
+    filters inside -filter_complex do not. Identical generated sources stay separate filters."""
+    c = tiny(
+        1.0,
+        clips=(Clip("color:red"), Clip("color:red"), Clip("testsrc:", start=0.5)),
+        audio=(AudioLayer("sine:440"), AudioLayer("sine:440", volume=0.5)),
+    )
+    output = tmp_path / "generated.mp4"
+    command = await render_composition(c, OutputFormat.MP4, output, resolver=SourceResolver())
+    assert "-i" not in command.args and "lavfi" not in command.args
+    graph = command.filter_graph
+    assert (graph.count("color="), graph.count("testsrc2="), graph.count("sine=")) == (3, 1, 2)
+    info = measure(output)
+    assert info.frames == 10 and info.audio is not None
+    assert near(mean_rgb(decode_frame_rgb(output, 2), 0, 0, 160, 120), RED)
+
+
 # ------------------------------------------------------------------------------------------ backend
 
 
