@@ -5,6 +5,9 @@
     python -m metering.cli history U [--project P] [--limit N]
     python -m metering.cli set-tier U TIER
     python -m metering.cli --json ...      (any command: the answer as JSON)
+
+Credentials: METERING_TOKEN (or --token) is sent as `authorization: Bearer <token>`; METERING_TLS_CA_FILE
+switches to TLS, METERING_TLS_CLIENT_CERT_FILE / METERING_TLS_CLIENT_KEY_FILE add a client certificate.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from exportapi.metering.v1 import metering_pb2 as pb
 from exportapi.metering.v1 import metering_pb2_grpc
+from metering.auth import AuthConfigError, ClientTls, sync_channel
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 CALL_TIMEOUT_SECONDS = 15.0
@@ -35,8 +39,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     args = _parser().parse_args(argv)
     target = args.target or os.environ.get("METERING_TARGET") or DEFAULT_TARGET
+    token = args.token or os.environ.get("METERING_TOKEN") or ""
     try:
-        with grpc.insecure_channel(target) as channel:
+        tls = ClientTls.from_env(
+            os.environ, "METERING_TLS_CA_FILE", "METERING_TLS_CLIENT_CERT_FILE", "METERING_TLS_CLIENT_KEY_FILE"
+        )
+    except AuthConfigError as error:
+        print(f"metering: {error}", file=sys.stderr)
+        return 2
+    try:
+        with sync_channel(target, tls, token) as channel:
             stub = metering_pb2_grpc.MeteringStub(channel)
             return args.run(stub, args, out)
     except grpc.RpcError as error:
@@ -44,7 +56,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if code == grpc.StatusCode.UNAVAILABLE:
             print(f"metering: cannot reach metering at {target} ({error.details()})", file=sys.stderr)
             return 3
-        print(f"metering: {code.name}: {error.details()}", file=sys.stderr)
+        hint = ""
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            hint = " (set METERING_TOKEN or --token)" if not token else " (check METERING_TOKEN / --token)"
+        elif code == grpc.StatusCode.PERMISSION_DENIED:
+            hint = " (this token's role may not do that)"
+        print(f"metering: {code.name}: {error.details()}{hint}", file=sys.stderr)
         return 1
 
 
@@ -53,9 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     # SUPPRESS: a subcommand's own --json must not reset one given before the subcommand.
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     common.add_argument("--target", default=argparse.SUPPRESS, help="metering host:port (METERING_TARGET)")
+    common.add_argument("--token", default=argparse.SUPPRESS, help="bearer token (METERING_TOKEN)")
     parser = argparse.ArgumentParser(prog="python -m metering.cli", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the answer as JSON")
     parser.add_argument("--target", default=None, help=f"metering host:port (METERING_TARGET, {DEFAULT_TARGET})")
+    parser.add_argument(
+        "--token", default=None, help="bearer token (default: METERING_TOKEN; the variable keeps it out of ps)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     stats = commands.add_parser("stats", parents=[common], help="export analytics, system-wide or narrowed")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from metering.auth import METERING_ROLES, AuthConfigError, ServerTls, TokenTable, read_pem
 from metering.tiers import TierConfigError, TierTable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,8 @@ class Config:
     db_startup_timeout_seconds: float
     log_level: str
     metrics_listen: str | None = None  # host:port of /metrics; None: not served
+    auth: TokenTable | None = None  # None: no authentication, loopback only
+    tls: ServerTls | None = None  # None: plaintext
 
     @property
     def listen_address(self) -> str:
@@ -47,11 +50,21 @@ class Config:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
         host, port = parse_listen("METERING_LISTEN", env.get("METERING_LISTEN") or DEFAULT_LISTEN)
-        # Auth is a later issue: until it exists every caller is trusted, so only this machine may call.
-        if not is_loopback(host):
+        try:
+            auth = _auth_tokens(env)
+            tls = ServerTls.from_files(
+                read_pem(env, "METERING_TLS_CERT_FILE"),
+                read_pem(env, "METERING_TLS_KEY_FILE", kind="PRIVATE KEY"),
+                read_pem(env, "METERING_TLS_CLIENT_CA_FILE"),
+                names=("METERING_TLS_CERT_FILE", "METERING_TLS_KEY_FILE", "METERING_TLS_CLIENT_CA_FILE"),
+            )
+        except AuthConfigError as error:
+            raise ConfigError(str(error)) from None
+        # Without authentication every caller is trusted, so only this machine may call.
+        if auth is None and not is_loopback(host):
             raise ConfigError(
                 f"METERING_LISTEN={host}:{port} is not a loopback address; without authentication "
-                "(METERING_AUTH_TOKENS, not supported by this build) metering serves only 127.0.0.1 / ::1"
+                "(METERING_AUTH_TOKENS unset) metering serves only 127.0.0.1 / ::1"
             )
         lease = _seconds(env, "METERING_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)
         tiers_file = env.get("METERING_TIERS_FILE") or None
@@ -86,7 +99,14 @@ class Config:
             db_startup_timeout_seconds=_seconds(env, "METERING_DB_STARTUP_TIMEOUT_SECONDS", 30.0),
             log_level=log_level,
             metrics_listen=_metrics_listen(env),
+            auth=auth,
+            tls=tls,
         )
+
+
+def _auth_tokens(env: Mapping[str, str]) -> TokenTable | None:
+    text = (env.get("METERING_AUTH_TOKENS") or "").strip()
+    return TokenTable.parse("METERING_AUTH_TOKENS", text, METERING_ROLES) if text else None
 
 
 def _metrics_listen(env: Mapping[str, str]) -> str | None:

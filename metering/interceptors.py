@@ -2,8 +2,8 @@
 
 Every Metering RPC passes through `StatusInterceptor`: a `MeteringError` becomes its status code with
 google.rpc details; a request that is not even valid protobuf becomes INVALID_ARGUMENT; anything else
-is a bug, logged with its traceback and answered INTERNAL without internals. Authentication (a later
-issue) slots in front of it in `interceptor_chain`.
+is a bug, logged with its traceback and answered INTERNAL without internals. Authentication
+(`metering.auth.AuthInterceptor`) goes in front of it in `interceptor_chain`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from metering import errors
+from metering.auth import METERING_ACCESS, AuthInterceptor, TokenTable
 
 log = logging.getLogger("metering.rpc")
 
@@ -180,7 +181,11 @@ def _log_call(rpc: str, code: str, started: float, detail: str = "") -> None:
     log.info("rpc", extra=fields)
 
 
-def interceptor_chain() -> list[grpc.aio.ServerInterceptor]:
-    """Outermost first. Authentication (METERING_AUTH_TOKENS, a later issue) goes before the status
-    mapping so that its refusals are not rewritten."""
-    return [StatusInterceptor()]
+def interceptor_chain(tokens: TokenTable | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """Outermost first. Authentication (METERING_AUTH_TOKENS; None: none) goes before the status mapping
+    so that its refusals are not rewritten, and so that nothing runs for a caller it refuses."""
+    chain: list[grpc.aio.ServerInterceptor] = []
+    if tokens is not None:
+        chain.append(AuthInterceptor(tokens, METERING_ACCESS))
+    chain.append(StatusInterceptor())
+    return chain

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from exportapi.metering.v1 import metering_pb2, metering_pb2_grpc
 from metering import db, errors, metrics, migrate
-from metering.config import Config
+from metering.config import Config, is_loopback
 from metering.core import MeteringCore
 from metering.domain import Export, ExportStatus
 from metering.interceptors import METERING_SERVICE, interceptor_chain
@@ -91,14 +91,22 @@ class MeteringServer:
                 "target": self.target,
                 "lease_seconds": config.lease_seconds,
                 "tiers": sorted(config.tiers),
+                "auth_roles": sorted(config.auth.roles) if config.auth else None,
+                "tls": ("mutual" if config.tls.mutual else "server") if config.tls else None,
             },
         )
+        if config.auth is not None and config.tls is None and not is_loopback(config.listen_host):
+            log.warning(
+                "bearer tokens travel in clear text: set METERING_TLS_CERT_FILE and METERING_TLS_KEY_FILE "
+                "unless the network below encrypts (e.g. a service mesh)",
+                extra={"target": self.target},
+            )
 
     async def _start_grpc(self) -> None:
         # SO_REUSEPORT off: a second server on a taken port must fail, not share it silently.
         # The metrics interceptor goes first (outermost) so it records the codes the error mapping produced.
         server = grpc.aio.server(
-            interceptors=[metrics.MetricsInterceptor([_SERVICE]), *interceptor_chain()],
+            interceptors=[metrics.MetricsInterceptor([_SERVICE]), *interceptor_chain(self.config.auth)],
             options=[("grpc.so_reuseport", 0)],
         )
         assert self.core is not None
@@ -115,7 +123,10 @@ class MeteringServer:
             server,
         )
         try:
-            self.port = server.add_insecure_port(self.config.listen_address)
+            if self.config.tls is not None:
+                self.port = server.add_secure_port(self.config.listen_address, self.config.tls.credentials())
+            else:
+                self.port = server.add_insecure_port(self.config.listen_address)
         except RuntimeError as error:
             raise errors.Unavailable(f"cannot listen on {self.config.listen_address}: {error}") from error
         if self.port == 0:
