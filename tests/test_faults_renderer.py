@@ -1,0 +1,137 @@
+"""Faults around a render, with real subprocesses: the renderer killed mid-render, metering killed while
+a render runs and the renderer restarted before metering returns. Each test ends with the ledger."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import psutil
+import pytest
+
+from exportapi.metering.v1 import metering_pb2
+from exportapi.renderer.v1 import renderer_pb2
+from tests.support.faults import (
+    NOT_SERVING,
+    SERVING,
+    MeteringReplica,
+    ProcessRegistry,
+    RendererProcess,
+    until,
+)
+from tests.support.metering import metering_stub, start_metering, wait_health
+from tests.support.renderer import renderer_stub, tiny_composition, wait_terminal
+
+Job = renderer_pb2.RenderJob
+LEASE_SECONDS = 1.5
+REAPER_SECONDS = LEASE_SECONDS / 4  # metering's default: a quarter of the lease
+
+
+@pytest.fixture
+def processes() -> Iterator[ProcessRegistry]:
+    registry = ProcessRegistry()
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
+def render_request(key: str, user: str, seconds: float) -> renderer_pb2.StartRenderRequest:
+    return renderer_pb2.StartRenderRequest(
+        idempotency_key=key, user_id=user, project_id="faults", composition=tiny_composition(seconds), format="mp4"
+    )
+
+
+async def export_row(database_url: str, export_id: str) -> asyncpg.Record:
+    connection = await asyncpg.connect(database_url)
+    try:
+        return await connection.fetchrow("SELECT * FROM exports WHERE export_id = $1", export_id)
+    finally:
+        await connection.close()
+
+
+async def wait_rendering(stub, job_id: str) -> Job:
+    """Follows the job until ffmpeg has reported frames: the render is under way."""
+    async for job in stub.WatchRender(renderer_pb2.WatchRenderRequest(job_id=job_id), timeout=60):
+        if job.state == Job.RENDERING and job.frames_rendered > 0:
+            return job
+        assert job.state in (Job.QUEUED, Job.RENDERING), f"the render ended before the fault: {job}"
+    raise AssertionError("the watch ended before the render started")
+
+
+async def test_a_renderer_killed_mid_render_gives_the_slot_back_when_the_lease_runs_out(
+    database_url: str, tmp_path: Path, processes: ProcessRegistry
+) -> None:
+    async with start_metering(database_url, lease_seconds=LEASE_SECONDS) as metering:
+        renderer = RendererProcess(processes, metering.target, tmp_path)
+        await renderer.start()
+        async with renderer_stub(renderer.target) as stub, metering_stub(metering.target) as ledger:
+            # 20 s of video: seconds of work at 160x120, so the kill lands mid-render.
+            job = await stub.StartRender(render_request("killed", "kim", seconds=20))
+            await wait_rendering(stub, job.job_id)
+            in_flight = (await ledger.GetUsage(metering_pb2.GetUsageRequest(user_id="kim"))).usage
+            ffmpeg = renderer.children()
+            processes.adopt(ffmpeg)
+            renderer.kill()
+
+            # No heartbeat any more: the lease runs out and the reaper expires the reservation.
+            async def expired() -> bool:
+                row = await export_row(database_url, job.export_id)
+                return row["status"] == "EXPIRED"
+
+            await until(expired, timeout=30, what="the reservation of the killed render to expire")
+            row = await export_row(database_url, job.export_id)
+            usage = (await ledger.GetUsage(metering_pb2.GetUsageRequest(user_id="kim"))).usage
+            # ffmpeg runs in its own session; it must not outlive the renderer for long (its progress
+            # pipe is gone), or a crashed renderer would leave renders burning CPU.
+            await until(
+                lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ffmpeg),
+                timeout=15,
+                what="ffmpeg to exit after its renderer was killed",
+            )
+
+    assert in_flight.used == 1 and in_flight.in_flight == 1
+    assert ffmpeg, "a render was running when the renderer was killed"
+    assert row["status"] == "EXPIRED" and row["completed_at"] is None
+    # Reaped within its lease plus a reaper round (and scheduling slack on a shared machine), not later.
+    assert row["expired_at"] - row["lease_expires_at"] < timedelta(seconds=REAPER_SECONDS + 3)
+    assert row["lease_expires_at"] - row["created_at"] >= timedelta(seconds=LEASE_SECONDS)  # it was heartbeating
+    assert usage.used == 0 and usage.in_flight == 0  # the slot is back
+
+
+async def test_a_completion_survives_metering_killed_mid_render_and_a_renderer_restart(
+    database_url: str, tmp_path: Path, processes: ProcessRegistry
+) -> None:
+    metering = MeteringReplica(processes, database_url, log_dir=tmp_path / "logs", lease_seconds=60)
+    await metering.start()
+    renderer = RendererProcess(processes, metering.target, tmp_path)
+    await renderer.start()
+    async with renderer_stub(renderer.target) as stub:
+        job = await stub.StartRender(render_request("outage", "otto", seconds=8))
+        await wait_rendering(stub, job.job_id)
+        metering.kill()
+        await wait_health(renderer.target, NOT_SERVING, timeout=15)  # nothing new renders without metering
+        finished = await wait_terminal(stub, job.job_id)
+    pending_before_stop = renderer.pending_completions()
+    assert await renderer.terminate() == 0
+    pending_after_stop = renderer.pending_completions()
+
+    await metering.start()  # same port, same database
+    await renderer.start()  # same state directory: the outbox is delivered
+
+    await until(lambda: not renderer.pending_completions(), timeout=60, what="the outbox to drain")
+    row = await export_row(database_url, job.export_id)
+    output = Path(finished.output_uri.removeprefix("file://"))
+
+    assert finished.state == Job.SUCCEEDED and finished.file_size_bytes > 0
+    assert [export_id for export_id, _ in pending_before_stop] == [job.export_id]
+    assert [export_id for export_id, _ in pending_after_stop] == [job.export_id]  # SIGTERM kept it
+    assert json.loads(pending_after_stop[0][1])["outcome"] == "completed"
+    assert row["status"] == "COMPLETED"
+    assert row["file_size_bytes"] == finished.file_size_bytes == output.stat().st_size
+    assert row["output_uri"] == finished.output_uri
+    assert abs(row["duration_seconds"] - 8) < 0.5
+    await wait_health(renderer.target, SERVING)
