@@ -32,7 +32,9 @@ from renderer.domain import (
     Reservation,
 )
 from renderer.metering_port import (
+    ClosedExport,
     Completion,
+    ExportAlreadyClosed,
     MeteringError,
     MeteringPort,
     MeteringRejected,
@@ -105,6 +107,27 @@ class Job:
     duration_seconds: float = 0.0
     error: str = ""
     render_seconds: float = 0.0  # wall time of the render, once it ended
+
+
+_CLOSED_STATES = {
+    "completed": JobState.SUCCEEDED,
+    "failed": JobState.FAILED,
+    "expired": JobState.FAILED,
+    "cancelled": JobState.CANCELLED,
+}
+
+
+def _closed_fields(export: ClosedExport) -> dict[str, object]:
+    state = _CLOSED_STATES[export.status]
+    error = export.error or ("the reservation expired before the render finished" if export.status == "expired" else "")
+    return {
+        "state": state,
+        "error": error,
+        "output_uri": export.output_uri,
+        "file_size_bytes": export.file_size_bytes,
+        "duration_seconds": export.duration_seconds,
+        "progress": 1.0 if state is JobState.SUCCEEDED else 0.0,
+    }
 
 
 class CompletionSink(Protocol):
@@ -224,20 +247,36 @@ class JobRunner:
     # --- the metered path --------------------------------------------------------------------------------
 
     async def _reserve_and_queue(self, request: RenderRequest, mode: RenderMode) -> str:
-        reservation = await self._metering.reserve(
-            ReserveRequest(
-                idempotency_key=request.idempotency_key,
-                user_id=request.user_id,
-                project_id=request.project_id,
-                mode=mode,
-                format=request.format,
-                composition=request.composition,
+        try:
+            reservation = await self._metering.reserve(
+                ReserveRequest(
+                    idempotency_key=request.idempotency_key,
+                    user_id=request.user_id,
+                    project_id=request.project_id,
+                    mode=mode,
+                    format=request.format,
+                    composition=request.composition,
+                )
             )
+        except ExportAlreadyClosed as closed:
+            # A retry of a render that already ended (e.g. before this renderer restarted): report it, render nothing.
+            entry = self._register(request, mode, closed.export.export_id, **_closed_fields(closed.export))
+            return entry.job.job_id
+        entry = self._register(request, mode, reservation.export_id)
+        assignment = RenderAssignment(reservation, request.composition, request.format)
+        job = entry.job
+        entry.task = asyncio.create_task(self._run(entry, assignment, self._backends[mode]), name=job.job_id)
+        log.info(
+            "render queued",
+            extra={"job_id": job.job_id, "export_id": job.export_id, "user_id": job.user_id, "mode": mode.value},
         )
+        return job.job_id
+
+    def _register(self, request: RenderRequest, mode: RenderMode, export_id: str, **fields: object) -> _Entry:
         now = self._clock()
         job = Job(
             job_id=uuid.uuid4().hex,
-            export_id=reservation.export_id,
+            export_id=export_id,
             user_id=request.user_id,
             project_id=request.project_id,
             format=request.format,
@@ -247,17 +286,16 @@ class JobRunner:
             created_at=now,
             updated_at=now,
         )
+        job = dataclasses.replace(job, **fields)  # type: ignore[arg-type]
         entry = _Entry(job=job, request=request)
         self._entries[job.job_id] = entry
-        if self._on_transition is not None:
+        if job.state.terminal:  # it ran elsewhere or earlier: nothing happens here worth a metric
+            if job.state is JobState.SUCCEEDED:
+                entry.job = dataclasses.replace(job, frames_rendered=job.frames_total)
+            self._retire(job.job_id)
+        elif self._on_transition is not None:
             self._on_transition(job, None)
-        assignment = RenderAssignment(reservation, request.composition, request.format)
-        entry.task = asyncio.create_task(self._run(entry, assignment, self._backends[mode]), name=job.job_id)
-        log.info(
-            "render queued",
-            extra={"job_id": job.job_id, "export_id": job.export_id, "user_id": job.user_id, "mode": mode.value},
-        )
-        return job.job_id
+        return entry
 
     async def _run(self, entry: _Entry, assignment: RenderAssignment, backend: RenderBackend) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(assignment.reservation))

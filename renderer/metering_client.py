@@ -11,7 +11,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from exportapi.metering.v1 import metering_pb2, metering_pb2_grpc
 from renderer.domain import RESERVATION_SEAL, RenderMode, Reservation
 from renderer.metering_port import (
+    ClosedExport,
     Completion,
+    ExportAlreadyClosed,
     MeteringRejected,
     MeteringUnavailable,
     Outcome,
@@ -84,6 +86,18 @@ class GrpcMeteringClient:
                 resolution=composition.resolution,
             ),
         )
+        if answer.replayed and answer.export.status != metering_pb2.EXPORT_STATUS_RESERVED:
+            export = answer.export
+            raise ExportAlreadyClosed(
+                ClosedExport(
+                    export_id=export.export_id,
+                    status=metering_pb2.ExportStatus.Name(export.status).removeprefix("EXPORT_STATUS_").lower(),
+                    error=export.error,
+                    file_size_bytes=export.file_size_bytes,
+                    duration_seconds=export.duration_seconds,
+                    output_uri=export.output_uri,
+                )
+            )
         return Reservation(
             export_id=answer.export_id,
             lease_expires_at=answer.lease_expires_at.ToDatetime(tzinfo=UTC),

@@ -61,6 +61,26 @@ class MeteringRejected(MeteringError):
         self.permanent = permanent
 
 
+@dataclass(frozen=True, slots=True)
+class ClosedExport:
+    """What metering recorded for an export that is no longer RESERVED."""
+
+    export_id: str
+    status: str  # "completed", "failed", "cancelled" or "expired"
+    error: str = ""
+    file_size_bytes: int = 0
+    duration_seconds: float = 0.0
+    output_uri: str = ""
+
+
+class ExportAlreadyClosed(MeteringError):
+    """A replayed reservation whose export was already closed: render nothing, report what happened."""
+
+    def __init__(self, export: ClosedExport) -> None:
+        super().__init__(f"export {export.export_id} is already {export.status}")
+        self.export = export
+
+
 class MeteringPort(Protocol):
     async def reserve(self, request: ReserveRequest) -> Reservation: ...
 

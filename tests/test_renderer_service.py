@@ -186,6 +186,29 @@ async def test_the_same_idempotency_key_returns_the_same_job_and_one_export(
     assert len(exports) == 1
 
 
+async def test_a_retry_after_a_renderer_restart_reports_the_finished_render_without_rendering_again(
+    metering_target: str, tmp_path: Path
+) -> None:
+    async with start_renderer(metering_target, tmp_path) as first, renderer_stub(first.target) as stub:
+        finished = await wait_terminal(stub, (await stub.StartRender(start_request("retry", user="gus"))).job_id)
+    output = Path(urlparse(finished.output_uri).path)
+    written_at = output.stat().st_mtime_ns
+    async with (
+        start_renderer(metering_target, tmp_path) as second,
+        renderer_stub(second.target) as stub,
+        metering_stub(metering_target) as metering,
+    ):
+        again = await stub.StartRender(start_request("retry", user="gus"))
+        exports = await exports_of(metering, "gus")
+
+    assert again.state == Job.SUCCEEDED
+    assert (again.export_id, again.output_uri, again.file_size_bytes) == (
+        finished.export_id, finished.output_uri, finished.file_size_bytes
+    )
+    assert output.stat().st_mtime_ns == written_at  # not rendered a second time
+    assert len(exports) == 1
+
+
 async def test_metering_unreachable_means_unavailable_and_nothing_rendered(tmp_path: Path) -> None:
     async with start_renderer("127.0.0.1:1", tmp_path) as running, renderer_stub(running.target) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
