@@ -311,16 +311,16 @@ class LambdaBackend:
             invoker = LambdaInvoker(client, self.config)
             try:
                 if self.should_fan_out(assignment):
-                    answer = await self._render_chunked(invoker, assignment, keys, on_progress)
+                    answer = await self._render_chunked(invoker, assignment, on_progress)
                 else:
-                    answer = await self._render_whole(invoker, assignment, keys, on_progress)
+                    answer = await self._render_whole(invoker, assignment, on_progress)
             except BaseException:
                 # Failed or cancelled: whatever invocations still run must not leave objects behind.
                 await asyncio.shield(self._abandon(keys))
                 raise
         return self._output(answer, assignment)
 
-    def _base_event(self, action: str, assignment: RenderAssignment, keys: RenderKeys) -> dict[str, Any]:
+    def _base_event(self, action: str, assignment: RenderAssignment) -> dict[str, Any]:
         return {
             "action": action,
             "export_id": assignment.export_id,
@@ -331,16 +331,16 @@ class LambdaBackend:
         }
 
     async def _render_whole(
-        self, invoker: LambdaInvoker, assignment: RenderAssignment, keys: RenderKeys, on_progress: ProgressCallback
+        self, invoker: LambdaInvoker, assignment: RenderAssignment, on_progress: ProgressCallback
     ) -> dict[str, Any]:
         frames_total = assignment.composition.frames_total
         await _emit(on_progress, Progress(0, frames_total))
-        answer = await invoker.invoke(self._base_event(ACTION_RENDER, assignment, keys))
+        answer = await invoker.invoke(self._base_event(ACTION_RENDER, assignment))
         await _emit(on_progress, Progress(frames_total, frames_total))
         return answer
 
     async def _render_chunked(
-        self, invoker: LambdaInvoker, assignment: RenderAssignment, keys: RenderKeys, on_progress: ProgressCallback
+        self, invoker: LambdaInvoker, assignment: RenderAssignment, on_progress: ProgressCallback
     ) -> dict[str, Any]:
         composition = assignment.composition
         chunks = plan_chunks(composition.frames_total, composition.fps, self.config.chunk_seconds)
@@ -355,7 +355,7 @@ class LambdaBackend:
 
         async def render_chunk(chunk: Chunk) -> None:
             nonlocal done, frames_done
-            event = self._base_event(ACTION_CHUNK, assignment, keys)
+            event = self._base_event(ACTION_CHUNK, assignment)
             event.update(index=chunk.index, first_frame=chunk.first_frame, frame_count=chunk.frame_count)
             answer = await limited(event)
             frames = int(answer.get("frames", -1))
@@ -369,12 +369,12 @@ class LambdaBackend:
         try:
             async with asyncio.TaskGroup() as group:
                 if composition.audio:
-                    group.create_task(limited(self._base_event(ACTION_AUDIO, assignment, keys)))
+                    group.create_task(limited(self._base_event(ACTION_AUDIO, assignment)))
                 for chunk in chunks:
                     group.create_task(render_chunk(chunk))
         except ExceptionGroup as failures:
             raise _first_render_error(failures) from None
-        join = self._base_event(ACTION_JOIN, assignment, keys)
+        join = self._base_event(ACTION_JOIN, assignment)
         join.update(chunk_count=len(chunks), with_audio=bool(composition.audio))
         return await limited(join)
 

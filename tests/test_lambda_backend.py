@@ -118,7 +118,7 @@ async def test_a_short_mp4_is_one_invocation_and_lands_in_s3(env: LambdaEnv, tmp
 async def test_webm_and_gif_render_in_one_invocation_however_long(
     env: LambdaEnv, tmp_path: Path, fmt: OutputFormat
 ) -> None:
-    job = assignment(tiny(2.0, audio=False), fmt)
+    job = assignment(tiny(2.0, audio=fmt is OutputFormat.WEBM), fmt)
     output = await backend_for(env).render(job, Recorder())
     assert output.uri.endswith(f"/renders/{job.export_id}.{fmt.value}")
     info = measure(fetch(env, output.uri, tmp_path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -24,8 +25,14 @@ from renderer.lambda_backend import (
     backoff_delay,
     lambda_client_config,
 )
-from renderer.lambda_local import function_name_from
-from tests.support.lambda_env import PROBE_HANDLER, LambdaEnv, lambda_environment
+from renderer.lambda_local import LocalLambdaSettings, function_name_from
+from tests.support.lambda_env import (
+    PROBE_HANDLER,
+    LambdaEnv,
+    fake_aws_credentials,
+    lambda_environment,
+    lambda_local_process,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -242,3 +249,37 @@ async def test_admin_endpoint_rejects_bad_settings(env: LambdaEnv) -> None:
         await asyncio.to_thread(urllib.request.urlopen, request, timeout=5)
     assert caught.value.code == 400
     assert (await env.state())["throttle_next"] == 0
+
+
+async def test_stopping_lambda_local_stops_its_workers() -> None:
+    with fake_aws_credentials():
+        async with lambda_local_process({"probe": PROBE_HANDLER}, workers=1) as endpoint:
+            env = LambdaEnv("", endpoint, "unused", "probe")
+            pid = (await invoke(env, {"op": "echo"}))["pid"]
+            assert process_alive(pid)
+    assert not process_alive(pid)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("LAMBDA_LOCAL_LISTEN", "9001", "LAMBDA_LOCAL_LISTEN must be host:port"),
+        ("LAMBDA_LOCAL_WORKERS", "0", "LAMBDA_LOCAL_WORKERS must be at least 1"),
+        ("LAMBDA_LOCAL_FUNCTIONS", "render", "LAMBDA_LOCAL_FUNCTIONS: expected name=value"),
+        ("LAMBDA_LOCAL_TIMEOUTS", "other=3", "unknown function 'other'"),
+        ("LAMBDA_LOCAL_TIMEOUT_SECONDS", "-1", "LAMBDA_LOCAL_TIMEOUT_SECONDS must be positive"),
+        ("LAMBDA_LOCAL_MAX_CONCURRENCY", "many", "LAMBDA_LOCAL_MAX_CONCURRENCY must be a number"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_variable(variable: str, value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LocalLambdaSettings.from_env({variable: value})
+
+
+def test_default_settings_serve_the_render_handler() -> None:
+    settings = LocalLambdaSettings.from_env({"LAMBDA_FUNCTION_NAME": "renders", "LAMBDA_LOCAL_TIMEOUTS": "renders=5"})
+    assert (settings.host, settings.port, settings.workers) == ("127.0.0.1", 9001, 2)
+    [function] = settings.functions
+    assert (function.name, function.handler, function.timeout_seconds) == (
+        "renders", "renderer.lambda_handler:handler", 5.0
+    )
