@@ -4,16 +4,19 @@ self-contained handler with ffmpeg."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from cfnlint.decode import decode
 
 from renderer.lambda_backend import LambdaBackendConfig
+from tests.support.lambda_env import fake_aws_credentials, moto_s3_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = REPO_ROOT / "deploy" / "lambda"
@@ -94,14 +97,26 @@ def _actions(statement: dict[str, Any]) -> list[str]:
     return [actions] if isinstance(actions, str) else list(actions)
 
 
-@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64", reason="packs Linux x86_64 ffmpeg")
-def test_build_stages_handler_project_and_ffmpeg(tmp_path: Path) -> None:
+# What the Lambda Python runtime brings besides the standard library.
+LAMBDA_RUNTIME_MODULES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "urllib3", "six")
+linux_x86_64 = pytest.mark.skipif(
+    sys.platform != "linux" or os.uname().machine != "x86_64", reason="packs Linux x86_64 ffmpeg"
+)
+
+
+@pytest.fixture(scope="module")
+def staging(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lambda-build")
     result = subprocess.run(
-        [sys.executable, str(DEPLOY / "build.py"), "--from-env", "--no-zip", "--out", str(tmp_path)],
+        [sys.executable, str(DEPLOY / "build.py"), "--from-env", "--no-zip", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    staging = tmp_path / "package"
+    return out / "package"
+
+
+@linux_x86_64
+def test_build_stages_handler_project_and_ffmpeg(staging: Path) -> None:
     assert (staging / "renderer" / "lambda_handler.py").is_file()
     assert (staging / "exportapi" / "renderer" / "v1" / "renderer_pb2.py").is_file()
     assert (staging / "ffmpeg" / "__init__.py").is_file()  # ffmpeg-python
@@ -117,3 +132,46 @@ def test_build_stages_handler_project_and_ffmpeg(tmp_path: Path) -> None:
     )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip().startswith(str(staging))
+
+
+@linux_x86_64
+def test_the_packed_handler_renders_with_only_the_lambda_runtime_beside_it(staging: Path, tmp_path: Path) -> None:
+    """The staged package alone (plus what the Lambda runtime provides), in an isolated interpreter, renders
+    and uploads: nothing comes from the repo or the project's virtualenv."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    for name in LAMBDA_RUNTIME_MODULES:
+        module = importlib.import_module(name)
+        source = Path(module.__file__ or "")
+        source = source.parent if source.name == "__init__.py" else source
+        (runtime / source.name).symlink_to(source)
+    event = {
+        "action": "render", "export_id": "packed-1", "format": "mp4",
+        "composition": {"width": 160, "height": 120, "fps": 10, "duration_seconds": 1.0, "background": "navy",
+                        "clips": [{"source": "testsrc:", "start": 0, "trim_start": 0, "duration": 1.0}],
+                        "texts": [{"text": "packed", "start": 0, "end": 1.0, "x": 8, "y": 8, "font_size": 16,
+                                   "color": "white"}],
+                        "audio": [{"source": "sine:440", "start": 0, "volume": 0.5}]},
+    }
+    script = (
+        "import json, sys\n"
+        "sys.path[:0] = sys.argv[1:3]\n"
+        "import renderer.lambda_handler as h, imageio_ffmpeg, ffmpeg\n"
+        "for module in (h, imageio_ffmpeg, ffmpeg):\n"
+        "    assert module.__file__.startswith(sys.argv[1]), module.__file__\n"
+        "print(json.dumps(h.handler(json.loads(sys.argv[3]), None)))\n"
+    )
+    with moto_s3_server() as endpoint, fake_aws_credentials() as aws_env:
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="packed")
+        env = {**aws_env, "PATH": "/usr/bin:/bin", "AWS_ENDPOINT_URL_S3": endpoint, "RENDER_BUCKET": "packed"}
+        result = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", script, str(staging), str(runtime), json.dumps(event)],
+            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        answer = json.loads(result.stdout.strip().splitlines()[-1])
+        assert (answer["bucket"], answer["key"], answer["frames"]) == ("packed", "renders/packed-1.mp4", 10)
+        head = s3.head_object(Bucket="packed", Key="renders/packed-1.mp4")
+        assert head["ContentLength"] == answer["size"] > 0
+        assert head["ContentType"] == "video/mp4"
