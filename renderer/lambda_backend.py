@@ -314,11 +314,11 @@ class LambdaBackend:
                     answer = await self._render_chunked(invoker, assignment, on_progress)
                 else:
                     answer = await self._render_whole(invoker, assignment, on_progress)
+                return self._output(answer, assignment)
             except BaseException:
                 # Failed or cancelled: whatever invocations still run must not leave objects behind.
                 await asyncio.shield(self._abandon(keys))
                 raise
-        return self._output(answer, assignment)
 
     def _base_event(self, action: str, assignment: RenderAssignment) -> dict[str, Any]:
         return {

@@ -14,7 +14,8 @@ Objects: the output is s3://bucket/<prefix><export id>.<format>; work parts live
 taken from the event. Before each upload the handler checks the parts prefix for the ABANDONED marker the
 backend writes when a render fails or is cancelled. `bucket` and `key_prefix` default to the function's
 RENDER_BUCKET and RENDER_KEY_PREFIX; s3:// sources are read from the buckets in RENDER_SOURCE_BUCKETS when
-set (the function's role decides in the end). ffmpeg is the imageio-ffmpeg wheel's, packed with the code.
+set (the function's role decides in the end); RENDER_WORK_DIR overrides the temp dir's parent (/tmp). ffmpeg
+is the imageio-ffmpeg wheel's, packed with the code.
 
 Failures raise: `RenderError` (ffmpeg's message, a frame count that does not add up) or `InvalidArgument`
 (a malformed event or source); Lambda reports them as the invocation's function error.

@@ -6,6 +6,7 @@ Renders are tiny (160x120, 10 fps) and short; a "long" video is 3 s with 1 s chu
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -26,8 +27,9 @@ from renderer.domain import (
     Reservation,
     TextLayer,
 )
-from renderer.errors import SourceRefused
-from renderer.lambda_backend import LambdaBackend, LambdaBackendConfig, LambdaFunctionError
+from renderer.errors import InvalidArgument, SourceRefused
+from renderer.lambda_backend import LambdaBackend, LambdaBackendConfig, LambdaFunctionError, plan_chunks
+from renderer.lambda_handler import composition_to_json, parse_event
 from renderer.media import decode_frame_rgb, measure
 from tests.support.lambda_env import LambdaEnv, lambda_environment
 
@@ -248,3 +250,32 @@ async def wait_idle(env: LambdaEnv) -> None:
             return
         await asyncio.sleep(0.1)
     raise AssertionError("lambda_local still running invocations")
+
+
+def test_chunks_cover_every_frame_once() -> None:
+    assert [(c.first_frame, c.frame_count) for c in plan_chunks(25, 10, 1.0)] == [(0, 10), (10, 10), (20, 5)]
+    chunks = plan_chunks(899, 29.97, 10.0)
+    assert sum(c.frame_count for c in chunks) == 899
+    assert all(b.first_frame == a.first_frame + a.frame_count for a, b in itertools.pairwise(chunks))
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"action": "explode"}, "event.action"),
+        ({"export_id": "../../etc"}, "event.export_id"),
+        ({"format": "avi"}, "event.format"),
+        ({"composition": {"width": 160}}, "event.composition"),
+        ({"composition": {**composition_to_json(tiny(1.0)), "fps": 0}}, "composition.fps"),
+        ({"action": "chunk", "index": 0, "first_frame": 5, "frame_count": 10}, "event.frame_count"),
+        ({"action": "join", "chunk_count": 0}, "event.chunk_count"),
+    ],
+)
+def test_a_malformed_event_is_refused_naming_the_field(change: dict[str, Any], field: str) -> None:
+    event = {"action": "render", "export_id": "e1", "bucket": "b", "format": "mp4",
+             "composition": composition_to_json(tiny(1.0))}
+    event.update(change)
+    with pytest.raises(InvalidArgument) as caught:
+        parse_event(event, environ={})
+    assert caught.value.field == field
