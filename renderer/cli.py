@@ -1,4 +1,8 @@
-"""`python -m renderer.cli render FILE.json --user U --project P --format mp4`: render through a running renderer."""
+"""`python -m renderer.cli render FILE.json --user U --project P --format mp4`: render through a running renderer.
+
+Credentials: RENDERER_TOKEN (or --token) is sent as `authorization: Bearer <token>`; RENDERER_TLS_CA_FILE
+switches to TLS, RENDERER_TLS_CLIENT_CERT_FILE / RENDERER_TLS_CLIENT_KEY_FILE add a client certificate.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from grpc_status import rpc_status
 
 from exportapi.metering.v1 import metering_pb2
 from exportapi.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from metering.auth import AuthConfigError, ClientTls, sync_channel
 
 _MODES = {"": metering_pb2.RENDER_MODE_UNSPECIFIED, "local": metering_pb2.RENDER_MODE_LOCAL,
           "lambda": metering_pb2.RENDER_MODE_LAMBDA}
@@ -35,7 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     render.add_argument("--key", default="", help="idempotency key (default: a new one)")
     render.add_argument("--target", default=os.environ.get("RENDERER_TARGET", "127.0.0.1:50052"))
     render.add_argument("--no-wait", action="store_true", help="print the queued job and return")
+    render.add_argument("--token", default=None, help="bearer token (default: RENDERER_TOKEN; keeps it out of ps)")
     args = parser.parse_args(argv)
+    token = args.token or os.environ.get("RENDERER_TOKEN") or ""
+    try:
+        tls = ClientTls.from_env(
+            os.environ, "RENDERER_TLS_CA_FILE", "RENDERER_TLS_CLIENT_CERT_FILE", "RENDERER_TLS_CLIENT_KEY_FILE"
+        )
+    except AuthConfigError as error:
+        print(f"renderer: {error}", file=sys.stderr)
+        return 2
 
     try:
         composition = json_format.ParseDict(json.loads(args.file.read_text()), renderer_pb2.Composition())
@@ -50,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         format=args.format,
         mode=_MODES[args.mode],
     )
-    with grpc.insecure_channel(args.target) as channel:
+    with sync_channel(args.target, tls, token) as channel:
         stub = renderer_pb2_grpc.RendererStub(channel)
         try:
             job = stub.StartRender(request, timeout=30)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from metering.auth import RENDERER_ROLES, AuthConfigError, ClientTls, ServerTls, TokenTable, read_pem
 from renderer.domain import RenderMode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,9 +39,12 @@ class RendererConfig:
     concurrency: int
     asset_roots: tuple[Path, ...]
     metering_timeout_seconds: float
-    metering_token: str | None
+    metering_token: str | None = field(repr=False)  # a secret: kept out of repr and logs
     metrics_listen: str | None
     lambda_settings: LambdaSettings | None
+    auth: TokenTable | None = None  # RENDERER_AUTH_TOKENS; None: no authentication, loopback only
+    tls: ServerTls | None = None  # RENDERER_TLS_*; None: plaintext
+    metering_tls: ClientTls | None = None  # METERING_TLS_*: how to reach metering; None: plaintext
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RendererConfig:
@@ -54,8 +59,26 @@ class RendererConfig:
         if default_mode is RenderMode.LAMBDA and lambda_settings is None:
             raise ConfigError("RENDER_MODE=lambda needs LAMBDA_FUNCTION_NAME and RENDER_BUCKET")
         roots = tuple(Path(p).resolve() for p in env.get("RENDER_ASSET_ROOTS", "").split(":") if p.strip())
+        listen = _host_port(env, "RENDERER_LISTEN", "127.0.0.1:50052")
+        try:
+            auth = _auth_tokens(env)
+            tls = ServerTls.from_files(
+                read_pem(env, "RENDERER_TLS_CERT_FILE"),
+                read_pem(env, "RENDERER_TLS_KEY_FILE", kind="PRIVATE KEY"),
+                read_pem(env, "RENDERER_TLS_CLIENT_CA_FILE"),
+                names=("RENDERER_TLS_CERT_FILE", "RENDERER_TLS_KEY_FILE", "RENDERER_TLS_CLIENT_CA_FILE"),
+            )
+            metering_tls = ClientTls.from_files(
+                read_pem(env, "METERING_TLS_CA_FILE"),
+                read_pem(env, "METERING_TLS_CLIENT_CERT_FILE"),
+                read_pem(env, "METERING_TLS_CLIENT_KEY_FILE", kind="PRIVATE KEY"),
+                names=("METERING_TLS_CA_FILE", "METERING_TLS_CLIENT_CERT_FILE", "METERING_TLS_CLIENT_KEY_FILE"),
+            )
+        except AuthConfigError as error:
+            raise ConfigError(str(error)) from None
+        require_auth_beyond_loopback(listen, auth)
         return cls(
-            listen=_host_port(env, "RENDERER_LISTEN", "127.0.0.1:50052"),
+            listen=listen,
             metering_target=_host_port(env, "METERING_TARGET", "127.0.0.1:50051"),
             default_mode=default_mode,
             output_dir=Path(env.get("RENDER_OUTPUT_DIR") or data_dir / "renders").resolve(),
@@ -63,9 +86,34 @@ class RendererConfig:
             concurrency=_int(env, "RENDER_CONCURRENCY", os.cpu_count() or 1, minimum=1, maximum=256),
             asset_roots=roots,
             metering_timeout_seconds=_float(env, "METERING_TIMEOUT_SECONDS", 5.0, minimum=0.1),
-            metering_token=env.get("METERING_TOKEN") or None,
+            metering_token=_metering_token(env),
             metrics_listen=_optional_host_port(env, "RENDERER_METRICS_LISTEN"),
             lambda_settings=lambda_settings,
+            auth=auth,
+            tls=tls,
+            metering_tls=metering_tls,
+        )
+
+
+def _auth_tokens(env: Mapping[str, str]) -> TokenTable | None:
+    text = env.get("RENDERER_AUTH_TOKENS", "").strip()
+    return TokenTable.parse("RENDERER_AUTH_TOKENS", text, RENDERER_ROLES) if text else None
+
+
+def _metering_token(env: Mapping[str, str]) -> str | None:
+    token = env.get("METERING_TOKEN", "").strip()
+    if token and not (token.isascii() and token.isprintable() and " " not in token):
+        # It goes into a metadata header; never echo it.
+        raise ConfigError("METERING_TOKEN may hold only visible ASCII characters")
+    return token or None
+
+
+def require_auth_beyond_loopback(listen: str, auth: TokenTable | None) -> None:
+    """Without authentication anyone who reaches the port could render: only this machine may call."""
+    if auth is None and not is_loopback(listen):
+        raise ConfigError(
+            f"RENDERER_LISTEN={listen} is not a loopback address; without authentication "
+            "(RENDERER_AUTH_TOKENS unset) the renderer serves only 127.0.0.1 / ::1"
         )
 
 
@@ -127,4 +175,9 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float)
 
 def is_loopback(listen: str) -> bool:
     host = listen.rpartition(":")[0].strip("[]")
-    return host in {"localhost", "::1"} or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:  # an address, not a name: "127.example.com" resolves wherever its owner likes
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from exportapi.metering.v1 import metering_pb2, metering_pb2_grpc
+from metering.auth import ClientTls, bearer_metadata, channel
 from renderer.domain import RESERVATION_SEAL, RenderMode, Reservation
 from renderer.metering_port import (
     ClosedExport,
@@ -42,8 +43,10 @@ _TRANSIENT = {
 
 
 class GrpcMeteringClient:
-    def __init__(self, target: str, *, timeout_seconds: float = 5.0, token: str | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self, target: str, *, timeout_seconds: float = 5.0, token: str | None = None, tls: ClientTls | None = None
+    ) -> None:
+        self._channel = channel(target, tls)
         self._stub = metering_pb2_grpc.MeteringStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout_seconds
@@ -55,7 +58,7 @@ class GrpcMeteringClient:
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         metadata: list[tuple[str, str]] = []
         if self._token:
-            metadata.append(("authorization", f"Bearer {self._token}"))
+            metadata.append(bearer_metadata(self._token))
         request_id = request_id_var.get()
         if request_id:
             metadata.append(("x-request-id", request_id))
@@ -68,6 +71,14 @@ class GrpcMeteringClient:
             code = error.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise MeteringUnavailable(f"metering is unavailable: {error.details()}") from error
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                # The operator's misconfiguration (METERING_TOKEN), not the caller's: to the caller metering is
+                # unusable, like unreachable (UNAVAILABLE, nothing renders), and the outbox keeps retrying
+                # completions instead of dead-lettering them until the token is fixed.
+                raise MeteringUnavailable(
+                    f"metering refused this renderer's credentials ({code.name}: {error.details()}); "
+                    "check the renderer's METERING_TOKEN"
+                ) from error
             raise MeteringRejected(
                 error.details() or code.name, status=error, code_name=code.name, permanent=code not in _TRANSIENT
             ) from error

@@ -14,8 +14,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from exportapi.renderer.v1 import renderer_pb2, renderer_pb2_grpc
+from metering.auth import RENDERER_ACCESS, AuthInterceptor
 from renderer import metrics
-from renderer.config import ConfigError, RendererConfig, is_loopback
+from renderer.config import ConfigError, RendererConfig, is_loopback, require_auth_beyond_loopback
 from renderer.domain import RenderBackend, RenderMode
 from renderer.jobs import Job, JobRunner, JobState
 from renderer.local_backend import LocalBackend
@@ -68,11 +69,12 @@ def build_backends(config: RendererConfig) -> dict[RenderMode, RenderBackend]:
 
 
 async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 30.0) -> RunningRenderer:
-    if not is_loopback(config.listen):
-        # Without caller authentication (not built yet) anyone who reaches the port could render.
-        raise ConfigError(f"RENDERER_LISTEN={config.listen} is not a loopback address; without auth it must be")
+    require_auth_beyond_loopback(config.listen, config.auth)
     metering = GrpcMeteringClient(
-        config.metering_target, timeout_seconds=config.metering_timeout_seconds, token=config.metering_token
+        config.metering_target,
+        timeout_seconds=config.metering_timeout_seconds,
+        token=config.metering_token,
+        tls=config.metering_tls,
     )
     outbox = Outbox(
         config.state_dir / "outbox.sqlite3", metering.complete, max_backoff_seconds=outbox_max_backoff_seconds
@@ -86,14 +88,27 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
         concurrency=config.concurrency,
         on_transition=_record_transition,
     )
-    server = grpc.aio.server(interceptors=[metrics.MetricsInterceptor([SERVICE])])
+    # Metrics outermost, so it records the codes of refused calls too.
+    interceptors: list[grpc.aio.ServerInterceptor] = [metrics.MetricsInterceptor([SERVICE])]
+    if config.auth is not None:
+        interceptors.append(AuthInterceptor(config.auth, RENDERER_ACCESS))
+    server = grpc.aio.server(interceptors=interceptors)
     renderer_pb2_grpc.add_RendererServicer_to_server(_servicer(runner), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(config.listen)
+    if config.tls is not None:
+        port = server.add_secure_port(config.listen, config.tls.credentials())
+    else:
+        port = server.add_insecure_port(config.listen)
     if port == 0:
         raise ConfigError(f"cannot listen on {config.listen}")
+    if config.auth is not None and config.tls is None and not is_loopback(config.listen):
+        log.warning(
+            "bearer tokens travel in clear text: set RENDERER_TLS_CERT_FILE and RENDERER_TLS_KEY_FILE "
+            "unless the network below encrypts (e.g. a service mesh)",
+            extra={"listen": config.listen},
+        )
     await server.start()
     health_task = asyncio.create_task(_follow_metering_health(metering, health_servicer))
     stop_metrics = None
@@ -101,7 +116,17 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
         metrics.track_outbox(outbox.depth, lambda: len(outbox.dead_letters()))
         metrics_port, stop_metrics = metrics.start_metrics_server(config.metrics_listen)
         log.info("metrics serving", extra={"listen": config.metrics_listen, "port": metrics_port})
-    log.info("renderer serving", extra={"listen": config.listen, "port": port, "metering": config.metering_target})
+    log.info(
+        "renderer serving",
+        extra={
+            "listen": config.listen,
+            "port": port,
+            "metering": config.metering_target,
+            "auth_roles": sorted(config.auth.roles) if config.auth else None,
+            "tls": ("mutual" if config.tls.mutual else "server") if config.tls else None,
+            "metering_tls": config.metering_tls is not None,
+        },
+    )
     return RunningRenderer(server, port, runner, outbox, metering, health_task, stop_metrics)
 
 
