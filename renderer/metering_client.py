@@ -69,7 +69,9 @@ class GrpcMeteringClient:
             return await method(request, timeout=self._timeout, metadata=self._metadata())
         except grpc.aio.AioRpcError as error:
             code = error.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            # CANCELLED too: this client cancels nothing, but a metering server that is stopping cancels the
+            # calls it received and had not started yet (grpc/grpc#41785); to the caller it is unavailable.
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
                 raise MeteringUnavailable(f"metering is unavailable: {error.details()}") from error
             if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 # The operator's misconfiguration (METERING_TOKEN), not the caller's: to the caller metering is
