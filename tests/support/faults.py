@@ -413,6 +413,7 @@ class Attempt:
     code: grpc.StatusCode
     export_id: str = ""
     used: int = 0
+    detail: str = ""
 
 
 @dataclass
@@ -463,7 +464,12 @@ class ReserveLoad:
             try:
                 answer = await stubs[index].CheckAndReserve(reserve_request(key, user=user), timeout=self.timeout)
             except grpc.aio.AioRpcError as error:
-                self.attempts.append(Attempt(key, user, self.targets[index], started, time.monotonic(), error.code()))
+                self.attempts.append(
+                    Attempt(
+                        key, user, self.targets[index], started, time.monotonic(), error.code(),
+                        detail=error.details() or "",
+                    )
+                )
                 if error.code() == grpc.StatusCode.UNAVAILABLE:
                     await asyncio.sleep(0.02)  # do not spin on a server that is down
             else:
