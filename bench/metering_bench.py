@@ -1,0 +1,148 @@
+"""Metering: CheckAndReserve + Complete pairs per second and latency, against the real service, the no-op
+server (the gRPC ceiling) and pgbench on the same SQL (the database ceiling), for two shapes of load."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import profile
+from bench.database import BenchPostgres
+from bench.load import LoadResult, LoadSpec, run_load
+from bench.pgbench import run_pgbench
+from bench.services import metering_process, noop_process
+
+TARGET_RATIO_VS_NOOP = 0.6
+TARGET_OPEN_LOOP_P99_MS = 25.0
+
+
+@dataclass(frozen=True, slots=True)
+class MeteringSettings:
+    seconds: float = 8.0
+    warmup_seconds: float = 2.0
+    in_flight: int = 64
+    processes: int = 2
+    users: int = 10_000
+    pgbench_clients: int = 10  # metering's default pool size
+    shapes: tuple[str, ...] = ("spread", "hot")
+    profile_dir: Path | None = None
+
+    @classmethod
+    def quick(cls, **changes: Any) -> MeteringSettings:
+        return cls(**{"seconds": 1.0, "warmup_seconds": 0.5, "users": 1000, **changes})
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _measure(spec: LoadSpec, pid: int) -> tuple[LoadResult, float]:
+    """The load, and the server's CPU use meanwhile (cores busy, e.g. 0.9)."""
+    cpu_before, started = _cpu_seconds(pid), time.monotonic()
+    result = await asyncio.to_thread(run_load, spec)
+    cpu = (_cpu_seconds(pid) - cpu_before) / max(time.monotonic() - started, 1e-9)
+    return result, round(cpu, 2)
+
+
+def _load_figures(result: LoadResult, server_cpu: float) -> dict[str, Any]:
+    figures = result.as_dict()
+    figures["server_cpu_cores"] = server_cpu
+    return figures
+
+
+async def run_metering(pg: BenchPostgres, settings: MeteringSettings) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "settings": {
+            "seconds": settings.seconds,
+            "warmup_seconds": settings.warmup_seconds,
+            "in_flight": settings.in_flight,
+            "client_processes": settings.processes,
+            "users_in_spread": settings.users,
+            "pgbench_clients": settings.pgbench_clients,
+        },
+        "targets": {"ratio_vs_noop": TARGET_RATIO_VS_NOOP, "open_loop_p99_ms": TARGET_OPEN_LOOP_P99_MS},
+    }
+    for shape in settings.shapes:
+        results[shape] = await _run_shape(pg, settings, shape)
+    return results
+
+
+async def _run_shape(pg: BenchPostgres, settings: MeteringSettings, shape: str) -> dict[str, Any]:
+    run_id = uuid.uuid4().hex[:8]
+
+    def spec(target: str, rate: float | None = None, label: str = "") -> LoadSpec:
+        return LoadSpec(
+            target=target,
+            shape=shape,
+            in_flight=settings.in_flight,
+            processes=settings.processes,
+            seconds=settings.seconds,
+            warmup_seconds=settings.warmup_seconds,
+            rate=rate,
+            users=settings.users,
+            run_id=f"{run_id}-{label}",
+        )
+
+    async with noop_process() as noop:
+        noop_result, noop_cpu = await _measure(spec(noop.target, label="noop"), noop.pid)
+
+    database = await pg.create_database(f"bench_metering_{shape}")
+    try:
+        async with metering_process(database) as service:
+            recording = None
+            if settings.profile_dir is not None:
+                recording = profile.start_recording(
+                    service.pid, settings.warmup_seconds + settings.seconds,
+                    settings.profile_dir / f"metering-{shape}.collapsed",
+                )
+            closed, service_cpu = await _measure(spec(service.target, label="closed"), service.pid)
+            profile_error = profile.finish_recording(recording) if recording is not None else ""
+            rate = max(1.0, closed.pairs_per_second / 2)
+            open_loop, open_cpu = await _measure(spec(service.target, rate=rate, label="open"), service.pid)
+    finally:
+        await pg.drop_database(database)
+
+    database = await pg.create_database(f"bench_pgbench_{shape}")
+    try:
+        pgbench = await asyncio.to_thread(
+            run_pgbench, database, shape=shape, clients=settings.pgbench_clients,
+            seconds=settings.seconds, users=settings.users,
+        )
+    finally:
+        await pg.drop_database(database)
+
+    figures: dict[str, Any] = {
+        "service": _load_figures(closed, service_cpu),
+        "noop": _load_figures(noop_result, noop_cpu),
+        "pgbench": pgbench.as_dict(),
+        "open_loop": _load_figures(open_loop, open_cpu),
+        "ratio_vs_noop": _ratio(closed.pairs_per_second, noop_result.pairs_per_second),
+        "ratio_vs_pgbench": _ratio(closed.pairs_per_second, pgbench.pairs_per_second),
+        # At saturation latency is queueing: in flight / throughput, for comparison with the measured p50.
+        "queueing_latency_ms": round(1000 * settings.in_flight / closed.pairs_per_second, 2)
+        if closed.pairs_per_second
+        else None,
+    }
+    if settings.profile_dir is not None:
+        collapsed = settings.profile_dir / f"metering-{shape}.collapsed"
+        if collapsed.exists():
+            summary = profile.summarize(collapsed)
+            (settings.profile_dir / f"metering-{shape}.txt").write_text(summary + "\n")
+            figures["profile"] = str(collapsed)
+        else:
+            figures["profile"] = f"not recorded: {profile_error.strip() or 'py-spy missing'}"
+    return figures
+
+
+def _ratio(value: float, baseline: float) -> float | None:
+    return round(value / baseline, 3) if baseline else None

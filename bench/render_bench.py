@@ -1,0 +1,175 @@
+"""Local rendering: a renderer job's wall time against raw ffmpeg running the same filter graph and encoder
+settings, and metering's own overhead per render.
+
+The job goes through the renderer's real parts, wired as `renderer.server.start` wires them: JobRunner ->
+GrpcMeteringClient (to `python -m metering` in its own process) -> LocalBackend (ffmpeg) -> the durable
+Outbox -> Complete. Raw ffmpeg runs the argument list `build_render` makes for the same composition, alone.
+Runs alternate (raw, job, raw, job, ...) so drifting machine load hits both alike; medians are compared.
+Metering's overhead is the time the job spent in CheckAndReserve plus in handing over its completion
+(outbox write, Complete, outbox delete).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.database import BenchPostgres
+from bench.services import metering_process
+
+TARGET_RATIO = 1.05
+TARGET_METERING_MS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class RenderSettings:
+    width: int = 640
+    height: int = 360
+    fps: float = 30.0
+    seconds: float = 8.0
+    repetitions: int = 3
+
+    @classmethod
+    def quick(cls) -> RenderSettings:
+        return cls(width=160, height=120, fps=10.0, seconds=1.0, repetitions=1)
+
+
+def composition(settings: RenderSettings) -> Any:
+    from renderer.domain import AudioLayer, Clip, Composition, TextLayer
+
+    seconds = settings.seconds
+    return Composition(
+        width=settings.width,
+        height=settings.height,
+        fps=settings.fps,
+        duration_seconds=seconds,
+        background="navy",
+        clips=(Clip(source="testsrc:", start=0.0, duration=seconds),),
+        texts=(TextLayer(text="benchmark", start=0.0, end=seconds, x=16, y=16, font_size=24, color="white"),),
+        audio=(AudioLayer(source="sine:440", start=0.0, volume=0.5),),
+    )
+
+
+class _Timed:
+    """Adds up the time spent in some async methods of an object it stands in for."""
+
+    def __init__(self, inner: Any, methods: tuple[str, ...]) -> None:
+        self._inner = inner
+        self.seconds: dict[str, list[float]] = {name: [] for name in methods}
+        for name in methods:
+            setattr(self, name, self._wrap(name, getattr(inner, name)))
+
+    def _wrap(self, name: str, method: Any) -> Any:
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await method(*args, **kwargs)
+            finally:
+                self.seconds[name].append(time.perf_counter() - started)
+
+        return timed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+async def _raw_ffmpeg(c: Any, work: Path) -> float:
+    from renderer.domain import OutputFormat
+    from renderer.ffmpeg_graph import build_render
+    from renderer.sources import SourceResolver
+
+    workdir = work / f"raw-{uuid.uuid4().hex[:8]}"
+    workdir.mkdir()
+    output = workdir / "out.mp4"
+    sources = await SourceResolver([]).resolve_composition(c, workdir)
+    command = build_render(c, OutputFormat.MP4, output, sources, workdir=workdir)
+    started = time.perf_counter()
+    done = await asyncio.to_thread(
+        subprocess.run, command.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, check=False,
+    )
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"raw ffmpeg failed: {done.stderr.decode(errors='replace')[-1000:]}")
+    return elapsed
+
+
+async def run_render(pg: BenchPostgres, settings: RenderSettings) -> dict[str, Any]:
+    from renderer.domain import OutputFormat, RenderMode
+    from renderer.jobs import JobRunner, JobState, RenderRequest
+    from renderer.local_backend import LocalBackend
+    from renderer.metering_client import GrpcMeteringClient
+    from renderer.outbox import Outbox
+
+    c = composition(settings)
+    dsn = await pg.create_database("bench_render")
+    raw: list[float] = []
+    jobs: list[float] = []
+    try:
+        async with metering_process(dsn) as service:
+            with tempfile.TemporaryDirectory(prefix="bench-render-") as name:
+                work = Path(name)
+                client = GrpcMeteringClient(service.target, timeout_seconds=5.0)
+                metering = _Timed(client, ("reserve",))
+                outbox = Outbox(work / "state" / "outbox.sqlite3", client.complete)
+                outbox.start()
+                completions = _Timed(outbox, ("submit",))
+                runner = JobRunner(
+                    metering, completions, {RenderMode.LOCAL: LocalBackend(work / "renders")}, concurrency=1
+                )
+                try:
+                    # One unmeasured round of each: first runs pay for imports, page cache and connections.
+                    await _raw_ffmpeg(c, work)
+                    await _job(runner, c, OutputFormat.MP4, RenderRequest, JobState)
+                    metering.seconds["reserve"].clear()
+                    completions.seconds["submit"].clear()
+                    for _ in range(settings.repetitions):
+                        raw.append(await _raw_ffmpeg(c, work))
+                        jobs.append(await _job(runner, c, OutputFormat.MP4, RenderRequest, JobState))
+                finally:
+                    await runner.shutdown(5)
+                    await outbox.close()
+                    await client.close()
+    finally:
+        await pg.drop_database(dsn)
+    reserve_ms = [1000 * s for s in metering.seconds["reserve"]]
+    complete_ms = [1000 * s for s in completions.seconds["submit"]]
+    per_render = [r + c for r, c in zip(reserve_ms, complete_ms, strict=True)]
+    raw_median, job_median = statistics.median(raw), statistics.median(jobs)
+    return {
+        "settings": {"width": settings.width, "height": settings.height, "fps": settings.fps,
+                     "seconds": settings.seconds, "repetitions": settings.repetitions, "format": "mp4",
+                     "layers": "testsrc clip + text + sine audio"},
+        "raw_ffmpeg_s": [round(value, 3) for value in raw],
+        "job_s": [round(value, 3) for value in jobs],
+        "raw_ffmpeg_median_s": round(raw_median, 3),
+        "job_median_s": round(job_median, 3),
+        "ratio": round(job_median / raw_median, 3),
+        "job_overhead_ms": round(1000 * (job_median - raw_median), 1),
+        "metering_ms_per_render": round(statistics.median(per_render), 2),
+        "reserve_ms": round(statistics.median(reserve_ms), 2),
+        "complete_ms": round(statistics.median(complete_ms), 2),
+        "targets": {"ratio": TARGET_RATIO, "metering_ms_per_render": TARGET_METERING_MS},
+    }
+
+
+async def _job(runner: Any, c: Any, fmt: Any, request_type: Any, states: Any) -> float:
+    started = time.perf_counter()
+    job = await runner.start(
+        request_type(idempotency_key=uuid.uuid4().hex, user_id="bench-user", project_id="bench-project",
+                     composition=c, format=fmt)
+    )
+    last = job
+    async for last in runner.watch(job.job_id):  # noqa: B007 - the last one is the terminal state
+        pass
+    elapsed = time.perf_counter() - started
+    if last.state is not states.SUCCEEDED:
+        raise RuntimeError(f"render job ended {last.state}: {last.error}")
+    return elapsed

@@ -1,0 +1,138 @@
+"""Printing the figures: a summary per piece as it finishes, and the README table from a results file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.machine import describe
+
+
+def _check(ok: bool | None) -> str:
+    return "-" if ok is None else ("met" if ok else "NOT met")
+
+
+def _shape_lines(shape: str, figures: dict[str, Any], targets: dict[str, float]) -> list[str]:
+    service, noop, pgbench, open_loop = (figures[key] for key in ("service", "noop", "pgbench", "open_loop"))
+    ratio = figures["ratio_vs_noop"]
+    p99 = open_loop["p99_ms"]
+    errors = {**service["errors"], **open_loop["errors"]}
+    lines = [
+        f"  {shape}: service {service['pairs_per_second']:.0f} pairs/s (p50 {service['p50_ms']:.1f} ms, "
+        f"p99 {service['p99_ms']:.1f} ms at {service['in_flight']} in flight; server CPU "
+        f"{service['server_cpu_cores']:.2f} cores)",
+        f"    no-op server {noop['pairs_per_second']:.0f} pairs/s -> ratio {ratio} "
+        f"(target >= {targets['ratio_vs_noop']}: {_check(ratio is not None and ratio >= targets['ratio_vs_noop'])})",
+        f"    pgbench same SQL ({pgbench['clients']} connections) {pgbench['pairs_per_second']:.0f} pairs/s "
+        f"-> ratio {figures['ratio_vs_pgbench']}",
+        f"    open loop at {open_loop['rate']:.0f} pairs/s (half the maximum): p50 {open_loop['p50_ms']:.1f} ms, "
+        f"p99 {p99:.1f} ms (target <= {targets['open_loop_p99_ms']:.0f}: "
+        f"{_check(p99 <= targets['open_loop_p99_ms'] and not open_loop['dropped'])})",
+    ]
+    if errors or open_loop["dropped"]:
+        lines.append(f"    errors {errors}, dropped {open_loop['dropped']}")
+    return lines
+
+
+def summary(piece: str, figures: dict[str, Any]) -> str:
+    if piece == "metering":
+        lines = ["metering: CheckAndReserve + Complete pairs"]
+        for shape in ("spread", "hot"):
+            if shape in figures:
+                lines += _shape_lines(shape, figures[shape], figures["targets"])
+        return "\n".join(lines)
+    if piece == "stats":
+        sizes = figures["settings"]["sizes"]
+        small, large = figures[str(sizes[0])], figures[str(sizes[1])]
+        target = figures["target_ratio"]
+        return "\n".join(
+            [
+                f"stats: GetStats p50 at {sizes[0]:,} vs {sizes[1]:,} exports "
+                f"(seeded in {small['seed']['seconds']} s / {large['seed']['seconds']} s)",
+                f"  one user:    {small['user']['p50_ms']:.1f} ms vs {large['user']['p50_ms']:.1f} ms -> ratio "
+                f"{figures['ratio_user']} (target <= {target}: {_check(figures['ratio_user'] <= target)})",
+                f"  system-wide: {small['system']['p50_ms']:.1f} ms vs {large['system']['p50_ms']:.1f} ms -> ratio "
+                f"{figures['ratio_system']} (target <= {target}: {_check(figures['ratio_system'] <= target)})",
+            ]
+        )
+    if piece == "render":
+        targets = figures["targets"]
+        return "\n".join(
+            [
+                f"render: {figures['settings']['width']}x{figures['settings']['height']} "
+                f"{figures['settings']['seconds']} s mp4, median of {figures['settings']['repetitions']}",
+                f"  job {figures['job_median_s']:.3f} s vs raw ffmpeg {figures['raw_ffmpeg_median_s']:.3f} s -> "
+                f"ratio {figures['ratio']} (target <= {targets['ratio']}: "
+                f"{_check(figures['ratio'] <= targets['ratio'])})",
+                f"  metering per render {figures['metering_ms_per_render']:.1f} ms (reserve {figures['reserve_ms']:.1f}"
+                f" + completion {figures['complete_ms']:.1f}; target <= {targets['metering_ms_per_render']:.0f}: "
+                f"{_check(figures['metering_ms_per_render'] <= targets['metering_ms_per_render'])})",
+            ]
+        )
+    if piece == "lambda":
+        settings = figures["settings"]
+        return (
+            f"lambda: {settings['seconds']} s mp4 in {settings['chunks']} chunks {figures['fan_out_median_s']:.2f} s"
+            f" vs one invocation {figures['single_median_s']:.2f} s -> speedup {figures['speedup']}"
+        )
+    return f"{piece}: {figures}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The README's table of the latest figures (one row per figure, its baseline and the ratio)."""
+    rows = ["| figure | measured | baseline | ratio | target |", "| --- | --- | --- | --- | --- |"]
+    metering = results.get("metering")
+    if metering:
+        for shape in ("spread", "hot"):
+            if shape not in metering:
+                continue
+            figures = metering[shape]
+            service, noop, pgbench, open_loop = (
+                figures[key] for key in ("service", "noop", "pgbench", "open_loop")
+            )
+            rows.append(
+                f"| metering pairs/s, {shape} | {service['pairs_per_second']:.0f} | no-op gRPC "
+                f"{noop['pairs_per_second']:.0f} | {figures['ratio_vs_noop']} | >= 0.6 |"
+            )
+            rows.append(
+                f"| metering pairs/s, {shape} | {service['pairs_per_second']:.0f} | pgbench same SQL "
+                f"{pgbench['pairs_per_second']:.0f} | {figures['ratio_vs_pgbench']} | |"
+            )
+            rows.append(
+                f"| pair p50 / p99 at saturation ({service['in_flight']} in flight), {shape} | "
+                f"{service['p50_ms']:.1f} / {service['p99_ms']:.1f} ms | queueing {figures['queueing_latency_ms']} ms"
+                " | | reported |"
+            )
+            rows.append(
+                f"| pair p99, open loop at {open_loop['rate']:.0f}/s, {shape} | {open_loop['p99_ms']:.1f} ms "
+                f"(p50 {open_loop['p50_ms']:.1f}) | | | <= 25 ms |"
+            )
+    stats = results.get("stats")
+    if stats:
+        small, large = stats["settings"]["sizes"]
+        for scope, key in (("one user", "user"), ("system-wide", "system")):
+            rows.append(
+                f"| GetStats p50, {scope}, {large:,} exports | {stats[str(large)][key]['p50_ms']:.1f} ms | "
+                f"{small:,} exports {stats[str(small)][key]['p50_ms']:.1f} ms | {stats[f'ratio_{key}']} | <= 1.5 |"
+            )
+    render = results.get("render")
+    if render:
+        rows.append(
+            f"| render job wall, {render['settings']['width']}x{render['settings']['height']} "
+            f"{render['settings']['seconds']:g} s mp4 | {render['job_median_s']:.2f} s | raw ffmpeg "
+            f"{render['raw_ffmpeg_median_s']:.2f} s | {render['ratio']} | <= 1.05 |"
+        )
+        rows.append(
+            f"| metering overhead per render | {render['metering_ms_per_render']:.1f} ms | | | <= 10 ms |"
+        )
+    lam = results.get("lambda")
+    if lam:
+        rows.append(
+            f"| lambda_local {lam['settings']['seconds']:g} s mp4 in {lam['settings']['chunks']} chunks | "
+            f"{lam['fan_out_median_s']:.2f} s | one invocation {lam['single_median_s']:.2f} s | "
+            f"speedup {lam['speedup']} | reported |"
+        )
+    machine = results.get("machine")
+    lines = ["\n".join(rows)]
+    if machine:
+        lines.append(f"\nMachine: {describe(machine)}. Command: `{results.get('command', 'python -m bench')}`.")
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""GetStats latency with 10k and with 1M exports in the ledger (seeded in bulk with SQL), and the ratio.
+
+The population is fixed (users x 3 projects, 90 days of history); only the ledger grows, so a bigger ledger
+means more history per user and per day. The rollups, project rows and usage counters are derived from
+the seeded ledger by SQL, as the core would have kept them. Two calls are timed: one user's stats (what a
+backend asks) and the system-wide stats (the operators' dashboard), both over the default 30 days.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from bench.database import BenchPostgres
+from bench.load import percentile
+from bench.services import metering_process
+from metering import stats
+
+TARGET_RATIO = 1.5
+HISTORY_DAYS = 90
+
+SEED_LEDGER = f"""
+INSERT INTO exports (
+    export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
+    resolution, requested_duration_seconds, duration_seconds, file_size_bytes, render_seconds, usage_day,
+    created_at, completed_at, lease_expires_at, expired_at
+)
+SELECT
+    gen_random_uuid(), s.user_id, s.user_id || '-p' || s.project, 'seed-' || s.i, 'seed', s.status,
+    CASE WHEN s.pick < 0.7 THEN 'local' ELSE 'lambda' END,
+    CASE WHEN s.pick2 < 0.5 THEN 'mp4' WHEN s.pick2 < 0.8 THEN 'webm' ELSE 'gif' END,
+    '1280x720', 10.0,
+    CASE WHEN s.status = 'COMPLETED' THEN 5 + 25 * s.pick END,
+    CASE WHEN s.status = 'COMPLETED' THEN (100000 + 9000000 * s.pick2)::bigint END,
+    CASE WHEN s.status = 'COMPLETED' THEN 0.5 + 20 * s.pick * s.pick2 END,
+    (s.created_at AT TIME ZONE 'UTC')::date,
+    s.created_at,
+    CASE WHEN s.status IN ('COMPLETED', 'FAILED', 'CANCELLED') THEN s.created_at + interval '20 seconds' END,
+    s.created_at + interval '120 seconds',
+    CASE WHEN s.status = 'EXPIRED' THEN s.created_at + interval '120 seconds' END
+FROM (
+    SELECT
+        i,
+        'user-' || floor(random() * $2)::integer AS user_id,
+        floor(random() * 3)::integer AS project,
+        random() AS pick,
+        random() AS pick2,
+        (ARRAY['COMPLETED', 'FAILED', 'CANCELLED', 'EXPIRED'])[
+            CASE WHEN r < 0.85 THEN 1 WHEN r < 0.93 THEN 2 WHEN r < 0.97 THEN 3 ELSE 4 END] AS status,
+        -- Never later than an hour ago: no lease of the seed is still running.
+        now() - interval '1 hour' - interval '1 second' * floor(random() * {HISTORY_DAYS - 1} * 86400) AS created_at
+    FROM (SELECT i, random() AS r FROM generate_series(1, $1) AS i) AS numbers
+) s
+"""
+
+DERIVE = [
+    """
+    INSERT INTO export_rollups (
+        day, user_id, project_id, format, render_mode, exports, reserved, completed, failed, cancelled, expired,
+        completed_duration_seconds, completed_bytes, last_export_at
+    )
+    SELECT usage_day, user_id, project_id, format, render_mode, count(*),
+        count(*) FILTER (WHERE status = 'RESERVED'), count(*) FILTER (WHERE status = 'COMPLETED'),
+        count(*) FILTER (WHERE status = 'FAILED'), count(*) FILTER (WHERE status = 'CANCELLED'),
+        count(*) FILTER (WHERE status = 'EXPIRED'),
+        coalesce(sum(duration_seconds) FILTER (WHERE status = 'COMPLETED'), 0),
+        coalesce(sum(file_size_bytes) FILTER (WHERE status = 'COMPLETED'), 0),
+        max(created_at)
+    FROM exports GROUP BY usage_day, user_id, project_id, format, render_mode
+    """,
+    f"""
+    INSERT INTO render_time_histogram (day, user_id, project_id, bucket, count)
+    SELECT usage_day, user_id, project_id,
+        floor(ln(greatest(render_seconds, {stats.HISTOGRAM_BASE_SECONDS}) / {stats.HISTOGRAM_BASE_SECONDS})
+              / ln({stats.HISTOGRAM_GROWTH}))::integer AS bucket,
+        count(*)
+    FROM exports WHERE status = 'COMPLETED' AND render_seconds > 0
+    GROUP BY usage_day, user_id, project_id, bucket
+    """,
+    """
+    INSERT INTO projects (project_id, user_id, export_count, last_export_at, created_at)
+    SELECT project_id, min(user_id), count(*), max(created_at), min(created_at) FROM exports GROUP BY project_id
+    """,
+    """
+    INSERT INTO daily_usage (user_id, day, used)
+    SELECT user_id, usage_day, count(*) FILTER (WHERE status IN ('RESERVED', 'COMPLETED'))
+    FROM exports GROUP BY user_id, usage_day
+    """,
+    """
+    INSERT INTO project_daily_usage (project_id, day, used)
+    SELECT project_id, usage_day, count(*) FILTER (WHERE status IN ('RESERVED', 'COMPLETED'))
+    FROM exports GROUP BY project_id, usage_day
+    """,
+    """
+    INSERT INTO accounts (user_id, tier, created_at, updated_at)
+    SELECT 'user-' || u, 'pro', now(), now() FROM generate_series(0, $1 - 1, 10) AS u
+    """,
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSettings:
+    sizes: tuple[int, int] = (10_000, 1_000_000)
+    users: int = 1000
+    calls: int = 40
+    warmup_calls: int = 5
+
+    @classmethod
+    def quick(cls) -> StatsSettings:
+        return cls(sizes=(1000, 20_000), users=100, calls=10, warmup_calls=2)
+
+
+async def seed(dsn: str, exports: int, users: int) -> dict[str, Any]:
+    started = time.monotonic()
+    connection = await asyncpg.connect(dsn, command_timeout=600)
+    try:
+        await connection.execute("SET synchronous_commit = off")
+        await connection.execute("SET maintenance_work_mem = '256MB'")
+        await connection.execute("SELECT setseed(0.42)")
+        # Building the ledger's secondary indexes once after the load is far quicker than row by row.
+        indexes = await connection.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes i WHERE tablename = 'exports' AND NOT EXISTS "
+            "(SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname)"
+        )
+        for index in indexes:
+            await connection.execute(f'DROP INDEX "{index["indexname"]}"')
+        await connection.execute(SEED_LEDGER, exports, users)
+        for index in indexes:
+            await connection.execute(index["indexdef"])
+        for statement in DERIVE:
+            if "$1" in statement:
+                await connection.execute(statement, users)
+            else:
+                await connection.execute(statement)
+        await connection.execute("ANALYZE")
+        counts = {
+            table: await connection.fetchval(f"SELECT count(*) FROM {table}")
+            for table in ("exports", "export_rollups", "render_time_histogram")
+        }
+    finally:
+        await connection.close()
+    return {"seconds": round(time.monotonic() - started, 2), "rows": counts}
+
+
+async def _time_calls(target: str, requests: list[Any], warmup: int) -> dict[str, float]:
+    import grpc
+
+    from exportapi.metering.v1 import metering_pb2_grpc
+
+    latencies = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = metering_pb2_grpc.MeteringStub(channel)
+        for index, request in enumerate(requests):
+            started = time.perf_counter()
+            answer = await stub.GetStats(request, timeout=60)
+            elapsed = time.perf_counter() - started
+            if answer.total_exports <= 0 and not request.user_id:
+                raise RuntimeError("GetStats saw no exports in a seeded ledger")
+            if index >= warmup:
+                latencies.append(elapsed)
+    latencies.sort()
+    return {
+        "p50_ms": round(statistics.median(latencies) * 1000, 3),
+        "p90_ms": round(percentile(latencies, 0.9) * 1000, 3),
+        "min_ms": round(latencies[0] * 1000, 3),
+        "calls": len(latencies),
+    }
+
+
+async def run_stats(pg: BenchPostgres, settings: StatsSettings) -> dict[str, Any]:
+    from exportapi.metering.v1 import metering_pb2 as pb
+
+    rng = random.Random(7)
+    results: dict[str, Any] = {
+        "settings": {"sizes": list(settings.sizes), "users": settings.users, "projects_per_user": 3,
+                     "history_days": HISTORY_DAYS, "window_days": 30, "calls": settings.calls},
+        "target_ratio": TARGET_RATIO,
+    }
+    for size in settings.sizes:
+        dsn = await pg.create_database(f"bench_stats_{size}")
+        try:
+            seeded = await seed(dsn, size, settings.users)
+            total = settings.warmup_calls + settings.calls
+            per_user = [pb.GetStatsRequest(user_id=f"user-{rng.randrange(settings.users)}") for _ in range(total)]
+            system = [pb.GetStatsRequest() for _ in range(total)]
+            async with metering_process(dsn) as service:
+                results[str(size)] = {
+                    "seed": seeded,
+                    "user": await _time_calls(service.target, per_user, settings.warmup_calls),
+                    "system": await _time_calls(service.target, system, settings.warmup_calls),
+                }
+        finally:
+            await pg.drop_database(dsn)
+    small, large = (results[str(size)] for size in settings.sizes)
+    results["ratio_user"] = round(large["user"]["p50_ms"] / small["user"]["p50_ms"], 3)
+    results["ratio_system"] = round(large["system"]["p50_ms"] / small["system"]["p50_ms"], 3)
+    return results
