@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -40,7 +39,10 @@ def main() -> int:
             await ensure_database(embedded_admin_url, EMBEDDED_DATABASE)
         return await serve(config, database_url)
 
-    return asyncio.run(run())
+    # uvloop: a C event loop; the server spends much of its time in socket I/O with clients and PostgreSQL.
+    import uvloop
+
+    return uvloop.run(run())
 
 
 if __name__ == "__main__":
