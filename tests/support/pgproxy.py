@@ -60,6 +60,10 @@ class PgProxy:
         except OSError:
             client_writer.close()
             return
+        if not self._open:  # cut while this connection was being made: it must not survive the cut
+            server_writer.close()
+            client_writer.close()
+            return
         self._writers.update((client_writer, server_writer))
         await asyncio.gather(
             self._pipe(client_reader, server_writer), self._pipe(server_reader, client_writer)
