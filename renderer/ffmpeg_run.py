@@ -4,6 +4,11 @@
 into callbacks, keeps the last lines of stderr for the error message, and on cancellation asks ffmpeg to
 stop ('q' on stdin), then SIGTERM, then SIGKILL, before re-raising.
 
+A stall watchdog stops ffmpeg the same way and raises RenderError when it shows no sign of life for
+`stall_seconds`: no new progress values, no stderr output, no CPU use. A deadlocked ffmpeg keeps printing
+progress blocks (the same values every period), so a block alone is not a sign of life; a busy one that
+has nothing to output yet (a generator skipping to a far offset) burns CPU, which is.
+
 The render functions below are what backends call (the local backend, the Lambda handler):
 resolve sources into a private work directory -> build the command -> run it -> remove the work directory,
 and remove the (partial) output when anything fails or the task is cancelled.
@@ -15,10 +20,12 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import signal
 import tempfile
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -42,6 +49,10 @@ STDERR_TAIL_LINES = 40
 MAX_ERROR_CHARS = 2000
 STOP_GRACE_SECONDS = 5.0  # after 'q': ffmpeg finishes the current frame and closes its files
 TERMINATE_GRACE_SECONDS = 5.0  # after SIGTERM, before SIGKILL
+STALL_SECONDS = 60.0  # no sign of life for this long: ffmpeg is stuck (None: never give up)
+# CPU time, as a share of `stall_seconds`, that counts as a sign of life. A deadlocked ffmpeg (every thread
+# in a futex wait) uses next to none; a working one uses a whole core.
+STALL_CPU_SHARE = 0.05
 _READ_CHUNK = 65536
 
 
@@ -63,8 +74,11 @@ async def run_ffmpeg(
     on_progress: FfmpegProgressCallback | None = None,
     stop_grace_seconds: float = STOP_GRACE_SECONDS,
     terminate_grace_seconds: float = TERMINATE_GRACE_SECONDS,
+    stall_seconds: float | None = STALL_SECONDS,
 ) -> None:
-    """Run `args` (binary first). Raises RenderError with ffmpeg's trimmed error output on a non-zero exit.
+    """Run `args` (binary first). Raises RenderError with ffmpeg's trimmed error output on a non-zero exit,
+    and RenderError("ffmpeg stalled ...") after stopping it when it shows no sign of life for
+    `stall_seconds` (see the module's docstring).
 
     If the calling task is cancelled (or `on_progress` raises), ffmpeg is stopped and the exception
     re-raised; a second cancellation during the stop kills ffmpeg at once."""
@@ -81,12 +95,22 @@ async def run_ffmpeg(
     except OSError as exc:
         raise RenderError(f"cannot start ffmpeg: {exc}") from exc
     assert process.stdout is not None and process.stderr is not None
+    stdout = process.stdout
     stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-    stderr_task = asyncio.create_task(_collect_lines(process.stderr, stderr_tail))
-    try:
-        await _read_progress(process.stdout, on_progress)
+    liveness = _Liveness(process.pid, stall_seconds or 0.0)
+    stderr_task = asyncio.create_task(_collect_lines(process.stderr, stderr_tail, liveness))
+
+    async def to_the_end() -> int:
+        await _read_progress(stdout, on_progress, liveness)
         returncode = await process.wait()
         await stderr_task
+        return returncode
+
+    try:
+        if stall_seconds is None:
+            returncode = await to_the_end()
+        else:
+            returncode = await _unless_stalled(to_the_end(), liveness, stderr_tail)
     except BaseException:
         stopper = asyncio.create_task(_stop(process, stop_grace_seconds, terminate_grace_seconds))
         try:
@@ -101,7 +125,9 @@ async def run_ffmpeg(
         raise RenderError(_error_message(returncode, stderr_tail))
 
 
-async def _read_progress(stream: asyncio.StreamReader, on_progress: FfmpegProgressCallback | None) -> None:
+async def _read_progress(
+    stream: asyncio.StreamReader, on_progress: FfmpegProgressCallback | None, liveness: _Liveness
+) -> None:
     block: dict[str, str] = {}
     async for line in _lines(stream):
         key, sep, value = line.partition("=")
@@ -110,22 +136,103 @@ async def _read_progress(stream: asyncio.StreamReader, on_progress: FfmpegProgre
         block[key.strip()] = value.strip()
         if key.strip() != "progress":
             continue
+        liveness.progress(block)
         if on_progress is not None:
             update = FfmpegProgress(
                 frame=_int(block.get("frame")),
                 out_time_seconds=max(0, _int(block.get("out_time_us") or block.get("out_time_ms"))) / 1e6,
                 done=block["progress"] == "end",
             )
-            result = on_progress(update)
-            if inspect.isawaitable(result):
-                await result
+            with liveness.our_turn():
+                result = on_progress(update)
+                if inspect.isawaitable(result):
+                    await result
         block = {}
 
 
-async def _collect_lines(stream: asyncio.StreamReader, sink: deque[str]) -> None:
+async def _collect_lines(stream: asyncio.StreamReader, sink: deque[str], liveness: _Liveness) -> None:
     async for line in _lines(stream):
+        liveness.alive()
         if line.strip():
             sink.append(line.rstrip())
+
+
+class _Liveness:
+    """When ffmpeg last showed a sign of life: progress values that changed, stderr output, CPU use."""
+
+    # What moves while ffmpeg works; `speed`, `fps` and `bitrate` change with the wall clock alone.
+    _PROGRESS_KEYS = ("frame", "out_time_us", "out_time_ms", "total_size", "progress")
+
+    def __init__(self, pid: int, stall_seconds: float) -> None:
+        self.pid = pid
+        self.stall_seconds = stall_seconds
+        self.last_progress: tuple[str | None, ...] = ()
+        self.in_callback = False
+        self.alive()
+
+    def alive(self) -> None:
+        self.since = time.monotonic()
+        self.cpu_since = _cpu_seconds(self.pid)
+        self.ours = 0.0  # seconds since then spent in our own progress callback
+
+    def progress(self, block: Mapping[str, str]) -> None:
+        values = tuple(block.get(key) for key in self._PROGRESS_KEYS)
+        if values != self.last_progress:
+            self.last_progress = values
+            self.alive()
+
+    @contextlib.contextmanager
+    def our_turn(self):  # -> Iterator[None]
+        """While our progress callback runs, ffmpeg may wait for us (its stdout unread): not its idle time."""
+        started = time.monotonic()
+        self.in_callback = True
+        try:
+            yield
+        finally:
+            self.in_callback = False
+            self.ours += time.monotonic() - max(started, self.since)
+
+    def idle_seconds(self) -> float:
+        """Seconds since the last sign of life, CPU use included (checked now)."""
+        if self.in_callback:
+            return 0.0
+        cpu = _cpu_seconds(self.pid)
+        busy = STALL_CPU_SHARE * self.stall_seconds
+        if cpu is not None and self.cpu_since is not None and cpu - self.cpu_since >= busy:
+            self.alive()
+        return time.monotonic() - self.since - self.ours
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, all its threads (Linux /proc); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()  # the name in parentheses may hold spaces
+    try:
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError, OSError):
+        return None
+
+
+async def _unless_stalled(work: Coroutine[object, object, int], liveness: _Liveness, tail: deque[str]) -> int:
+    """`work`'s result, or RenderError once ffmpeg has been idle for the stall period (`work` cancelled)."""
+    stall_seconds = liveness.stall_seconds
+    task = asyncio.create_task(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=min(1.0, stall_seconds / 4))
+            if done:
+                return task.result()
+            if liveness.idle_seconds() >= stall_seconds:
+                log.warning("ffmpeg pid %s stalled for %g s; stopping it", liveness.pid, stall_seconds)
+                last = f": {tail[-1]}" if tail else ""
+                raise RenderError(f"ffmpeg stalled: no progress for {stall_seconds:g} s, stopped{last}")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
 
 
 async def _lines(stream: asyncio.StreamReader):  # -> AsyncIterator[str]
@@ -200,6 +307,7 @@ async def render_composition(
     on_progress: ProgressCallback | None = None,
     settings: EncoderSettings = DEFAULT_SETTINGS,
     work_root: Path | None = None,
+    stall_seconds: float | None = STALL_SECONDS,
 ) -> FfmpegCommand:
     """The whole composition into `output`. Returns the command that ran (for its expected frames and
     duration). The output is removed if the render fails or is cancelled."""
@@ -207,7 +315,11 @@ async def render_composition(
         sources = await resolver.resolve_composition(c, workdir)
         command = build_render(c, fmt, output, sources, workdir=workdir, settings=settings)
         with _user_facing_errors(sources, workdir, output):
-            await run_ffmpeg(command.args, on_progress=_frames_progress(command.frames_total, on_progress))
+            await run_ffmpeg(
+                command.args,
+                on_progress=_frames_progress(command.frames_total, on_progress),
+                stall_seconds=stall_seconds,
+            )
         return command
 
 
@@ -221,13 +333,16 @@ async def render_video_chunk(
     on_progress: ProgressCallback | None = None,
     settings: EncoderSettings = DEFAULT_SETTINGS,
     work_root: Path | None = None,
+    stall_seconds: float | None = STALL_SECONDS,
 ) -> FfmpegCommand:
     """Frames [first_frame, first_frame + frame_count) as h264 video-only mp4 (see `build_video_chunk`)."""
     async with _work_dir(work_root, output) as workdir:
         sources = await resolver.resolve_composition(c, workdir)
         command = build_video_chunk(c, first_frame, frame_count, output, sources, workdir=workdir, settings=settings)
         with _user_facing_errors(sources, workdir, output):
-            await run_ffmpeg(command.args, on_progress=_frames_progress(frame_count, on_progress))
+            await run_ffmpeg(
+                command.args, on_progress=_frames_progress(frame_count, on_progress), stall_seconds=stall_seconds
+            )
         return command
 
 
@@ -239,6 +354,7 @@ async def render_audio_track(
     on_progress: ProgressCallback | None = None,
     settings: EncoderSettings = DEFAULT_SETTINGS,
     work_root: Path | None = None,
+    stall_seconds: float | None = STALL_SECONDS,
 ) -> FfmpegCommand:
     """The composition's whole audio track as AAC in .m4a. Raises ValueError without audio layers.
     Progress is reported in composition frames (audio time x fps)."""
@@ -246,7 +362,7 @@ async def render_audio_track(
         sources = await resolver.resolve_composition(c, workdir)
         command = build_audio(c, output, sources, workdir=workdir, settings=settings)
         with _user_facing_errors(sources, workdir, output):
-            await run_ffmpeg(command.args, on_progress=_time_progress(c, on_progress))
+            await run_ffmpeg(command.args, on_progress=_time_progress(c, on_progress), stall_seconds=stall_seconds)
         return command
 
 
@@ -257,6 +373,7 @@ async def join_chunks(
     output: Path,
     *,
     work_root: Path | None = None,
+    stall_seconds: float | None = STALL_SECONDS,
 ) -> FfmpegCommand:
     """Concatenate chunk files (in order, no re-encode) and mux the audio track into a fast-start mp4."""
     rate = fps_fraction(c.fps)
@@ -270,7 +387,7 @@ async def join_chunks(
             duration_seconds=float(c.frames_total / rate),
         )
         with _user_facing_errors({}, workdir, output):
-            await run_ffmpeg(command.args)
+            await run_ffmpeg(command.args, stall_seconds=stall_seconds)
         return command
 
 

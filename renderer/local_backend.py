@@ -23,7 +23,7 @@ from renderer.domain import (
     RenderOutput,
 )
 from renderer.ffmpeg_graph import DEFAULT_SETTINGS, EncoderSettings, extension_of
-from renderer.ffmpeg_run import remove_quietly, render_composition
+from renderer.ffmpeg_run import STALL_SECONDS, remove_quietly, render_composition
 from renderer.media import measure_async
 from renderer.sources import S3Fetcher, SourceResolver
 from renderer.validation import validate_composition
@@ -45,13 +45,16 @@ class LocalBackend:
         s3_buckets: Iterable[str] = (),
         settings: EncoderSettings = DEFAULT_SETTINGS,
         work_root: Path | None = None,
+        stall_seconds: float | None = STALL_SECONDS,
     ) -> None:
         """`resolver` wins over `asset_roots`/`s3_fetcher`/`s3_buckets`; without a fetcher, s3:// sources
-        are refused. `work_root` holds per-render scratch directories (default: the system temp dir)."""
+        are refused. `work_root` holds per-render scratch directories (default: the system temp dir).
+        ffmpeg is stopped and the render fails after `stall_seconds` without a sign of life."""
         self.output_dir = Path(output_dir)
         self.resolver = resolver or SourceResolver(asset_roots, s3_fetcher=s3_fetcher, s3_buckets=s3_buckets)
         self.settings = settings
         self.work_root = work_root
+        self.stall_seconds = stall_seconds
 
     def check(self, composition: Composition) -> None:
         """Raise InvalidArgument for sources this backend cannot read (missing files, paths outside the
@@ -77,6 +80,7 @@ class LocalBackend:
                 on_progress=on_progress,
                 settings=self.settings,
                 work_root=self.work_root,
+                stall_seconds=self.stall_seconds,
             )
             info = await measure_async(partial)
             await _emit(on_progress, Progress(info.frames, composition.frames_total))

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
@@ -463,6 +464,35 @@ async def test_cancelling_a_render_stops_ffmpeg_and_removes_the_partial_file(bac
         await task
     assert not Path(f"/proc/{pids[0]}").exists()
     assert not os.listdir(backend.output_dir)
+
+
+# Writes a bit of its output, then hangs like the deadlocked ffmpeg; stops on 'q' as ffmpeg does.
+_STALLING_FFMPEG = """\
+import os, sys, threading, time
+with open(sys.argv[-1], "wb") as partial:
+    partial.write(b"partial")
+threading.Thread(target=lambda: sys.stdin.read(1) and os._exit(255), daemon=True).start()
+while True:
+    sys.stdout.write("frame=2\\nout_time_us=200000\\nprogress=continue\\n")
+    sys.stdout.flush()
+    time.sleep(0.1)
+"""
+
+
+async def test_a_stalled_render_fails_and_leaves_no_file(
+    tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "stalling-ffmpeg"
+    fake.write_text(f"#!{sys.executable}\n{_STALLING_FFMPEG}")
+    fake.chmod(0o755)
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(fake))
+    backend = LocalBackend(tmp_path / "renders", asset_roots=[assets], stall_seconds=0.5)
+    c = tiny(1.0, clips=(Clip("red_then_blue.mp4"),), audio=(AudioLayer("sine:440"),))
+    render = backend.render(assignment(c, OutputFormat.MP4, "stalled"), lambda p: None)
+    with pytest.raises(RenderError, match="ffmpeg stalled"):
+        await asyncio.wait_for(render, timeout=30)
+    assert not os.listdir(backend.output_dir)
+    assert not _pids_running(str(fake))
 
 
 async def test_the_example_hello_renders(backend: LocalBackend) -> None:

@@ -86,6 +86,85 @@ async def test_a_failing_progress_callback_stops_ffmpeg_and_propagates() -> None
     assert not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline_has(p, marker)]
 
 
+# Like the deadlocked ffmpeg: one progress block with the same values every period, nothing else, no CPU.
+STALLED = """\
+import sys, time
+while True:
+    sys.stdout.write("frame=4\\nout_time_us=400000\\nspeed=0.2x\\nprogress=continue\\n")
+    sys.stdout.flush()
+    time.sleep(0.1)
+"""
+
+# Busy without output for a while (a generator skipping to a far offset), then done.
+BUSY_THEN_DONE = """\
+import sys, time
+deadline = time.monotonic() + float(sys.argv[-1])
+while time.monotonic() < deadline:
+    sum(range(10000))
+sys.stdout.write("frame=10\\nout_time_us=1000000\\nprogress=end\\n")
+"""
+
+# Talking on stderr only, sleeping in between, then done.
+CHATTY_THEN_DONE = """\
+import sys, time
+for i in range(int(sys.argv[-1])):
+    sys.stderr.write(f"still working {i}\\n")
+    sys.stderr.flush()
+    time.sleep(0.1)
+sys.stdout.write("frame=10\\nout_time_us=1000000\\nprogress=end\\n")
+"""
+
+
+def _fake_ffmpeg(tmp_path: Path, name: str, body: str) -> str:
+    script = tmp_path / name
+    script.write_text(f"#!{sys.executable}\n{body}")
+    script.chmod(0o755)
+    return str(script)
+
+
+async def test_a_stalled_ffmpeg_is_stopped_and_the_run_fails(tmp_path: Path) -> None:
+    script = _fake_ffmpeg(tmp_path, "stalled-ffmpeg", STALLED)
+    seen: list[FfmpegProgress] = []
+    run = run_ffmpeg(
+        [script], on_progress=seen.append, stall_seconds=0.5, stop_grace_seconds=0.3, terminate_grace_seconds=0.3
+    )
+    with pytest.raises(RenderError, match=r"ffmpeg stalled: no progress for 0\.5 s"):
+        await asyncio.wait_for(run, timeout=30)
+    assert len(seen) > 1  # the repeated blocks arrived and were not taken for progress
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline_has(p, script)]
+
+
+@pytest.mark.parametrize(("body", "arg"), [(BUSY_THEN_DONE, "2.0"), (CHATTY_THEN_DONE, "20")], ids=["cpu", "stderr"])
+async def test_cpu_use_or_stderr_output_is_not_a_stall(tmp_path: Path, body: str, arg: str) -> None:
+    """Quiet on stdout for four stall periods, but alive: it must run to the end."""
+    script = _fake_ffmpeg(tmp_path, "alive-ffmpeg", body)
+    seen: list[FfmpegProgress] = []
+    await asyncio.wait_for(run_ffmpeg([script, arg], on_progress=seen.append, stall_seconds=0.5), timeout=30)
+    assert seen == [FfmpegProgress(frame=10, out_time_seconds=1.0, done=True)]
+
+
+# Five frames, quickly, then done.
+QUICK = """\
+import sys
+for frame in range(1, 6):
+    sys.stdout.write(f"frame={frame}\\nout_time_us={frame * 100000}\\nprogress=continue\\n")
+sys.stdout.write("frame=5\\nout_time_us=500000\\nprogress=end\\n")
+"""
+
+
+async def test_time_in_a_slow_progress_callback_is_not_ffmpegs_stall(tmp_path: Path) -> None:
+    """ffmpeg waits while we do not read its progress: our callback's time is ours, not a stall."""
+    script = _fake_ffmpeg(tmp_path, "quick-ffmpeg", QUICK)
+    seen: list[int] = []
+
+    async def slow(update: FfmpegProgress) -> None:
+        await asyncio.sleep(0.4)
+        seen.append(update.frame)
+
+    await asyncio.wait_for(run_ffmpeg([script], on_progress=slow, stall_seconds=0.3), timeout=30)
+    assert seen == [1, 2, 3, 4, 5, 5]
+
+
 def _cmdline_has(pid: str, text: str) -> bool:
     try:
         return text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
