@@ -33,22 +33,14 @@ RENDER_BUCKET = str(stats.render_time_bucket(1.5))
 def _statements(user: str) -> tuple[list[tuple[str, list[str], bool]], list[tuple[str, list[str], bool]]]:
     project = f"({user} || '-p' || :p::text)"
     reserve = [
-        ("export_by_idempotency_key", [user, KEY], False),
         ("lock_daily_usage", [user, DAY], False),
-        ("export_by_idempotency_key", [user, KEY], False),
-        ("lock_project_daily_usage", [project, DAY], False),
-        ("account_tier", [user], False),
+        ("reserve_context", [user, KEY, project, DAY], False),
         (
-            "insert_export",
+            "reserve_export",
             ["gen_random_uuid()", user, project, KEY, "'fingerprint'", MODE, FORMAT, "'1280x720'", "10.0",
              DAY, NOW, "now() + interval '120 seconds'"],
             True,
         ),
-        ("add_daily_used", [user, DAY, "1"], False),
-        ("add_project_daily_used", [project, DAY, "1"], False),
-        ("touch_project", [project, user, NOW], False),
-        ("rollup_reserved", [DAY, user, project, FORMAT, MODE, NOW], False),
-        ("in_flight", [user], False),
     ]
     complete = [
         ("lock_export", [":export_id"], False),

@@ -95,34 +95,30 @@ class MeteringCore:
         return result
 
     async def _reserve(self, connection: asyncpg.Connection, new: NewExport) -> ReserveResult:
+        # Three statements: lock the user's day, then (in a fresh snapshot) the project's day, the tier and a
+        # replay, then the export with all its counts. Checking the quota happens between the second and third.
         fingerprint = new.fingerprint()
         now = self._policy.now()
         day = self._policy.day_of(now)
-        existing = await connection.fetchrow(
-            QUERIES["export_by_idempotency_key"], new.user_id, new.idempotency_key
+        used = await connection.fetchval(QUERIES["lock_daily_usage"], new.user_id, day)
+        context = await connection.fetchrow(
+            QUERIES["reserve_context"], new.user_id, new.idempotency_key, new.project_id, day
         )
-        if existing is None:  # not a replay we can answer without the lock
-            used = await connection.fetchval(QUERIES["lock_daily_usage"], new.user_id, day)
-            # A concurrent replay may have committed while this transaction waited for the lock.
-            existing = await connection.fetchrow(
-                QUERIES["export_by_idempotency_key"], new.user_id, new.idempotency_key
-            )
-        if existing is not None:
-            return await self._replay(connection, existing, fingerprint, now)
+        if context["export_id"] is not None:
+            return await self._replay(connection, context, fingerprint, now)
 
-        project_used = await connection.fetchval(QUERIES["lock_project_daily_usage"], new.project_id, day)
-        tier = self._tiers.resolve(await connection.fetchval(QUERIES["account_tier"], new.user_id))
+        tier = self._tiers.resolve(context["tier"])
         self._policy.check(
             tier,
             user_id=new.user_id,
             project_id=new.project_id,
             duration_seconds=new.duration_seconds,
             used_today=used,
-            project_used_today=project_used,
+            project_used_today=context["project_used"],
             moment=now,
         )
         row = await connection.fetchrow(
-            QUERIES["insert_export"],
+            QUERIES["reserve_export"],
             uuid.uuid4(),
             new.user_id,
             new.project_id,
@@ -141,20 +137,8 @@ class MeteringCore:
                 QUERIES["export_by_idempotency_key"], new.user_id, new.idempotency_key
             )
             return await self._replay(connection, existing, fingerprint, now)
-        await connection.execute(QUERIES["add_daily_used"], new.user_id, day, 1)
-        await connection.execute(QUERIES["add_project_daily_used"], new.project_id, day, 1)
-        await connection.execute(QUERIES["touch_project"], new.project_id, new.user_id, now)
-        await connection.execute(
-            QUERIES["rollup_reserved"],
-            day,
-            new.user_id,
-            new.project_id,
-            new.format.value,
-            new.render_mode.value,
-            now,
-        )
         export = export_from_row(row)
-        usage = await self._usage(connection, new.user_id, tier, used + 1, now)
+        usage = self._usage_of(new.user_id, tier, used + 1, row["in_flight"], now)
         log.info(
             "export reserved",
             extra={"export_id": export.export_id, "user_id": new.user_id, "used": used + 1, "tier": tier.name},
@@ -178,12 +162,16 @@ class MeteringCore:
     async def _usage(
         self, connection: asyncpg.Connection, user_id: str, tier: Tier, used: int, now: datetime
     ) -> Usage:
+        in_flight = await connection.fetchval(QUERIES["in_flight"], user_id)
+        return self._usage_of(user_id, tier, used, in_flight, now)
+
+    def _usage_of(self, user_id: str, tier: Tier, used: int, in_flight: int, now: datetime) -> Usage:
         return Usage(
             user_id=user_id,
             tier=tier.name,
             used=used,
             limit=tier.daily_limit,
-            in_flight=await connection.fetchval(QUERIES["in_flight"], user_id),
+            in_flight=in_flight,
             resets_at=self._policy.window(now).resets_at,
             max_duration_seconds=tier.max_duration_seconds,
         )

@@ -38,10 +38,18 @@ INSERT INTO daily_usage AS d (user_id, day, used) VALUES ($1, $2, 0)
 ON CONFLICT (user_id, day) DO UPDATE SET used = d.used
 RETURNING used;
 
--- name: lock_project_daily_usage
-INSERT INTO project_daily_usage AS p (project_id, day, used) VALUES ($1, $2, 0)
-ON CONFLICT (project_id, day) DO UPDATE SET used = p.used
-RETURNING used;
+-- name: reserve_context
+-- Run with the user's day row locked (lock_daily_usage): locks the project's day row, and reads the user's
+-- tier and the export already holding this idempotency key, if any. A statement of its own, so that its
+-- snapshot sees a replay committed while this transaction waited for the user's lock.
+-- $1 user, $2 idempotency key, $3 project, $4 day. One row; its export columns are NULL without a replay.
+WITH project AS (
+    INSERT INTO project_daily_usage AS p (project_id, day, used) VALUES ($3, $4, 0)
+    ON CONFLICT (project_id, day) DO UPDATE SET used = p.used
+    RETURNING used
+)
+SELECT project.used AS project_used, (SELECT tier FROM accounts WHERE user_id = $1) AS tier, e.*
+FROM project LEFT JOIN exports e ON e.user_id = $1 AND e.idempotency_key = $2;
 
 -- name: daily_used
 SELECT used FROM daily_usage WHERE user_id = $1 AND day = $2;
@@ -66,27 +74,42 @@ SELECT count(*) FROM exports WHERE user_id = $1 AND status = 'RESERVED';
 -- name: in_flight_total
 SELECT count(*) FROM exports WHERE status = 'RESERVED';
 
--- name: insert_export
--- Nothing is inserted when the idempotency key was committed meanwhile by a reservation on another day.
-INSERT INTO exports (
-    export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
-    resolution, requested_duration_seconds, usage_day, created_at, lease_expires_at
-) VALUES ($1, $2, $3, $4, $5, 'RESERVED', $6, $7, $8, $9, $10, $11, $12)
-ON CONFLICT (user_id, idempotency_key) DO NOTHING
-RETURNING *;
-
--- name: touch_project
-INSERT INTO projects AS p (project_id, user_id, export_count, last_export_at, created_at)
-VALUES ($1, $2, 1, $3, $3)
-ON CONFLICT (project_id) DO UPDATE
-SET export_count = p.export_count + 1, last_export_at = greatest(p.last_export_at, EXCLUDED.last_export_at);
-
--- name: rollup_reserved
-INSERT INTO export_rollups AS r (day, user_id, project_id, format, render_mode, exports, reserved, last_export_at)
-VALUES ($1, $2, $3, $4, $5, 1, 1, $6)
-ON CONFLICT (day, user_id, project_id, format, render_mode) DO UPDATE
-SET exports = r.exports + 1, reserved = r.reserved + 1,
-    last_export_at = greatest(r.last_export_at, EXCLUDED.last_export_at);
+-- name: reserve_export
+-- A new RESERVED export and its counts (the day's usage, the project's, the project row, the rollup) in one
+-- statement, so one round trip. The day rows are already locked by this transaction (lock_daily_usage,
+-- reserve_context). Nothing happens when the idempotency key was committed meanwhile by a reservation
+-- counted on another day: no row comes back. Returns the export and the user's reservations in flight,
+-- this one included (the statement's snapshot does not see its own insert, hence + 1).
+-- $1 export_id, $2 user, $3 project, $4 idempotency key, $5 fingerprint, $6 render mode, $7 format,
+-- $8 resolution, $9 requested seconds, $10 day, $11 now, $12 lease end.
+WITH inserted AS (
+    INSERT INTO exports (
+        export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
+        resolution, requested_duration_seconds, usage_day, created_at, lease_expires_at
+    ) VALUES ($1, $2, $3, $4, $5, 'RESERVED', $6, $7, $8, $9, $10, $11, $12)
+    ON CONFLICT (user_id, idempotency_key) DO NOTHING
+    RETURNING *
+), daily AS (
+    UPDATE daily_usage SET used = used + 1
+    WHERE user_id = $2 AND day = $10 AND EXISTS (SELECT FROM inserted)
+), project_day AS (
+    UPDATE project_daily_usage SET used = used + 1
+    WHERE project_id = $3 AND day = $10 AND EXISTS (SELECT FROM inserted)
+), project AS (
+    INSERT INTO projects AS p (project_id, user_id, export_count, last_export_at, created_at)
+    SELECT $3, $2, 1, $11, $11 FROM inserted
+    ON CONFLICT (project_id) DO UPDATE
+    SET export_count = p.export_count + 1, last_export_at = greatest(p.last_export_at, EXCLUDED.last_export_at)
+), rollup AS (
+    INSERT INTO export_rollups AS r (day, user_id, project_id, format, render_mode, exports, reserved, last_export_at)
+    SELECT $10, $2, $3, $7, $6, 1, 1, $11 FROM inserted
+    ON CONFLICT (day, user_id, project_id, format, render_mode) DO UPDATE
+    SET exports = r.exports + 1, reserved = r.reserved + 1,
+        last_export_at = greatest(r.last_export_at, EXCLUDED.last_export_at)
+)
+SELECT inserted.*,
+       (SELECT count(*) FROM exports WHERE user_id = $2 AND status = 'RESERVED') + 1 AS in_flight
+FROM inserted;
 
 -- name: rollup_transition
 -- Moves one export between status columns: $6..$10 are -1/0/+1 deltas for reserved, completed, failed,
