@@ -12,6 +12,9 @@ import contextlib
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -40,7 +43,7 @@ from renderer.config import ConfigError as RendererConfigError
 from renderer.config import RendererConfig
 from renderer.metering_client import GrpcMeteringClient
 from renderer.metering_port import Completion, MeteringUnavailable, Outcome
-from tests.support.metering import reserve_request, start_metering, wait_health
+from tests.support.metering import REPO_ROOT, reserve_request, start_metering, wait_health
 from tests.support.renderer import start_renderer, tiny_composition
 
 OK = grpc.StatusCode.OK
@@ -574,3 +577,28 @@ def test_every_rpc_has_an_access_rule_and_nothing_else_does() -> None:
     ):
         descriptor = proto.DESCRIPTOR.services_by_name[service]
         assert set(access.rules) == {f"/{descriptor.full_name}/{method.name}" for method in descriptor.methods}
+
+
+@pytest.mark.parametrize(
+    ("service", "env", "complaint"),
+    [
+        ("metering", {"METERING_AUTH_TOKENS": f"ops:{OPS_TOKEN[:10]}"}, "METERING_AUTH_TOKENS: entry 1 (role ops)"),
+        ("metering", {"METERING_AUTH_TOKENS": f"root:{OPS_TOKEN}"}, "METERING_AUTH_TOKENS: entry 1 has an unknown"),
+        ("renderer", {"RENDERER_AUTH_TOKENS": f"ops:{OPS_TOKEN[:10]}"}, "RENDERER_AUTH_TOKENS: entry 1 (role ops)"),
+        ("renderer", {"RENDERER_LISTEN": "0.0.0.0:0"}, "RENDERER_LISTEN=0.0.0.0:0 is not a loopback address"),
+    ],
+)
+def test_the_servers_refuse_to_start_with_bad_auth_settings(service: str, env: dict[str, str], complaint: str) -> None:
+    child_env = {
+        key: value for key, value in os.environ.items()
+        if not key.startswith(("METERING_", "RENDERER_", "RENDER_")) and key != "DATABASE_URL"
+    }
+    child_env.update({"DATABASE_URL": "postgresql://unused/x", **env})
+    result = subprocess.run(
+        [sys.executable, "-m", service], cwd=REPO_ROOT, env=child_env, capture_output=True, text=True, timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"{service}: configuration error: {complaint}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert OPS_TOKEN[:10] not in result.stderr + result.stdout
