@@ -317,7 +317,7 @@ class _Graph:
             case GeneratedColor(hex_rgb):
                 stream = _source("color", c=f"0x{hex_rgb}", s=f"{c.width}x{c.height}", r=rate, d=length)
             case LocalFile(path, demuxer, is_image) if is_image:
-                stream = ffmpeg.input(
+                stream = _input(
                     _file_url(path),
                     format=demuxer,
                     pattern_type="none",
@@ -327,9 +327,8 @@ class _Graph:
                     protocol_whitelist="file",
                 )["v:0"]
             case LocalFile(path, demuxer, _):
-                stream = ffmpeg.input(
-                    _file_url(path), format=demuxer, ss=_num(offset), t=length, protocol_whitelist="file"
-                )["v:0"]
+                options = {"format": demuxer, "ss": _num(offset), "t": length, "protocol_whitelist": "file"}
+                stream = _input(_file_url(path), **options)["v:0"]
             case _:
                 raise ValueError(f"{field}.source is not a video source")
         return (
@@ -359,9 +358,8 @@ class _Graph:
                 case GeneratedSine(frequency_hz):
                     stream = _source("sine", f=_num(frequency_hz), r=sample_rate, d=_num(available))
                 case LocalFile(path, demuxer, False):
-                    stream = ffmpeg.input(
-                        _file_url(path), format=demuxer, t=_num(available), protocol_whitelist="file"
-                    )["a:0"]
+                    options = {"format": demuxer, "t": _num(available), "protocol_whitelist": "file"}
+                    stream = _input(_file_url(path), **options)["a:0"]
                 case _:
                     raise ValueError(f"composition.audio[{index}].source is not an audio source")
             stream = (
@@ -406,7 +404,28 @@ class _Graph:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-class _SourceFilter(ffmpeg.nodes.FilterNode):
+class _Distinct:
+    """ffmpeg-python identifies a node by its arguments and upstream nodes alone (not even its name): two
+    layers from the same source with the same timing would share their nodes, and a node feeding two pads
+    is refused ("a split filter is probably required"). A layer's own source node is distinct from any
+    other, so each layer's whole chain is its own."""
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+class _FileInput(_Distinct, ffmpeg.nodes.InputNode):
+    """An `-i` input of one layer; the same file used by two layers is opened twice."""
+
+
+def _input(filename: str, **kwargs: object) -> ffmpeg.nodes.FilterableStream:
+    return _FileInput("input", kwargs={"filename": filename, **kwargs}).stream()
+
+
+class _SourceFilter(_Distinct, ffmpeg.nodes.FilterNode):
     """A filter with no inputs (color, testsrc2, sine) inside -filter_complex.
 
     Generated sources are never `-f lavfi -i ...` inputs: the imageio-ffmpeg binary (ffmpeg 9.0.2) deadlocks
@@ -424,14 +443,6 @@ class _SourceFilter(ffmpeg.nodes.FilterNode):
             args=[],
             kwargs=dict(kwargs),
         )
-
-    # ffmpeg-python identifies a node by its arguments alone (not even its name): two sources with the same
-    # arguments would become one node feeding two pads, which it refuses. Each source is its own node.
-    def __hash__(self) -> int:
-        return id(self)
-
-    def __eq__(self, other: object) -> bool:
-        return self is other
 
 
 def _source(name: str, **kwargs: object) -> ffmpeg.nodes.FilterableStream:

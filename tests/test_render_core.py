@@ -178,6 +178,20 @@ async def test_images_and_webm_files_are_clips_too(backend: LocalBackend) -> Non
     assert near(mean_rgb(late, 0, 10, 15, 110), NAVY)
 
 
+async def test_one_file_can_serve_several_layers_with_the_same_timing(backend: LocalBackend) -> None:
+    """Layers whose nodes would be identical (same file, offset and length) are still separate chains."""
+    c = tiny(
+        1.0,
+        clips=(Clip("red_then_blue.mp4", duration=0.3), Clip("red_then_blue.mp4", start=0.5, duration=0.3)),
+        audio=(AudioLayer("tone.wav"), AudioLayer("tone.wav", volume=0.5)),
+    )
+    output = await backend.render(assignment(c, OutputFormat.MP4, "reused"), lambda p: None)
+    path = urlparse(output.uri).path
+    assert output.frames == 10 and measure(path).has_audio
+    for index, colour in ((1, RED), (4, NAVY), (6, RED), (9, NAVY)):
+        assert near(mean_rgb(decode_frame_rgb(path, index), 40, 40, 120, 80), colour), index
+
+
 async def test_later_clips_are_drawn_over_earlier_ones(backend: LocalBackend) -> None:
     c = tiny(1.0, clips=(Clip("color:red"), Clip("color:blue", start=0.5)))
     output = await backend.render(assignment(c, OutputFormat.MP4, "order"), lambda p: None)
