@@ -27,6 +27,7 @@ import hmac
 import inspect
 import logging
 import re
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,6 +375,39 @@ def read_pem(env: Mapping[str, str], variable: str, *, kind: str = "CERTIFICATE"
 def _pair(cert: SecretFile | None, key: SecretFile | None, cert_variable: str, key_variable: str) -> None:
     if (cert is None) != (key is None):
         raise AuthConfigError(f"{cert_variable} and {key_variable} go together: set both or neither")
+    if cert is None or key is None:
+        return
+    # gRPC would only say "Failed to bind" (server) or fail each handshake (client): check the pair now.
+    # The stdlib's OpenSSL does it without creating a gRPC object (config runs before the embedded
+    # PostgreSQL forks).
+    _check_certificates(cert)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert.path, key.path, password=_no_password)
+    except _EncryptedKey:
+        raise AuthConfigError(
+            f"{key_variable}={key.path}: the key is encrypted; gRPC needs it unencrypted (keep the file 0600)"
+        ) from None
+    except ssl.SSLError:
+        raise AuthConfigError(
+            f"{key_variable}={key.path}: not the key of the certificate in {cert_variable}={cert.path}"
+        ) from None
+
+
+def _check_certificates(pem: SecretFile | None) -> None:
+    if pem is None:
+        return
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem.content.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError):
+        raise AuthConfigError(f"{pem.variable}={pem.path}: not a readable PEM certificate") from None
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> bytes:
+    raise _EncryptedKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +431,7 @@ class ServerTls:
         """`names`: the three variables, for messages when a file is missing (and so has no variable)."""
         cert_variable, key_variable, ca_variable = names
         _pair(certificate, key, cert_variable, key_variable)
+        _check_certificates(client_ca)
         if certificate is None or key is None:
             if client_ca is not None:
                 raise AuthConfigError(f"{ca_variable} (mutual TLS) needs {cert_variable} and {key_variable}")
@@ -434,6 +469,7 @@ class ClientTls:
     ) -> ClientTls | None:
         ca_variable, cert_variable, key_variable = names
         _pair(certificate, key, cert_variable, key_variable)
+        _check_certificates(ca)
         if ca is None:
             if certificate is not None:
                 raise AuthConfigError(f"{cert_variable} (mutual TLS) needs {ca_variable} (the server's CA)")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from exportapi.metering.v1 import metering_pb2 as pb
@@ -227,6 +228,25 @@ def test_tls_settings_are_checked_at_start_up(pki: Pki, tmp_path: Path) -> None:
     assert "not a PEM file with a CERTIFICATE" in _metering_error(
         {"METERING_TLS_CERT_FILE": str(not_pem), "METERING_TLS_KEY_FILE": key}
     )
+    # Caught now, not as gRPC's "Failed to bind" or a failing handshake later.
+    assert _metering_error({"METERING_TLS_CERT_FILE": cert, "METERING_TLS_KEY_FILE": str(pki.client_key)}) == (
+        f"METERING_TLS_KEY_FILE={pki.client_key}: not the key of the certificate in METERING_TLS_CERT_FILE={cert}"
+    )
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        serialization.load_pem_private_key(pki.server_key.read_bytes(), password=None).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    assert "the key is encrypted" in _metering_error(
+        {"METERING_TLS_CERT_FILE": cert, "METERING_TLS_KEY_FILE": str(encrypted)}
+    )
+    garbled = tmp_path / "garbled.pem"
+    garbled.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    assert _metering_error(
+        {"METERING_TLS_CERT_FILE": cert, "METERING_TLS_KEY_FILE": key, "METERING_TLS_CLIENT_CA_FILE": str(garbled)}
+    ) == f"METERING_TLS_CLIENT_CA_FILE={garbled}: not a readable PEM certificate"
     config = Config.from_env(
         {"METERING_TLS_CERT_FILE": cert, "METERING_TLS_KEY_FILE": key, "METERING_TLS_CLIENT_CA_FILE": ca}
     )
