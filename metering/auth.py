@@ -4,8 +4,8 @@ One implementation that both servers use; the renderer imports it (the two servi
 distribution, and this module knows nothing of either core):
 
 - `TokenTable.parse(variable, text, roles)` reads `role:token,role:token` from the environment and refuses
-  an unknown role, an empty or short token, or one token under two roles. It keeps only SHA-256 digests of
-  the tokens, so a token is never held, printed or logged after start-up.
+  an unknown role, an empty or short token, or one token under two roles. The table keeps only SHA-256
+  digests of the tokens, so nothing it holds can print or log one.
 - `AccessPolicy` maps each full method name to the roles that may call it. A role may also be allowed only
   for requests that pass a check of the decoded request (`RequestCheck`): `backend` may read the stats of a
   named user, not system-wide ones. `METERING_ACCESS` and `RENDERER_ACCESS` are the two services' tables,
