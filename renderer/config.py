@@ -10,6 +10,7 @@ from pathlib import Path
 
 from metering.auth import RENDERER_ROLES, AuthConfigError, ClientTls, ServerTls, TokenTable, read_pem
 from renderer.domain import RenderMode
+from renderer.sources import parse_asset_roots, parse_buckets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +39,8 @@ class RendererConfig:
     state_dir: Path
     concurrency: int
     asset_roots: tuple[Path, ...]
+    source_buckets: frozenset[str]  # buckets s3:// sources may come from (RENDER_SOURCE_BUCKETS)
+    stall_seconds: float  # stop an ffmpeg that shows no sign of life this long (RENDER_STALL_SECONDS)
     metering_timeout_seconds: float
     metering_token: str | None = field(repr=False)  # a secret: kept out of repr and logs
     metrics_listen: str | None
@@ -58,7 +61,7 @@ class RendererConfig:
         lambda_settings = _lambda_settings(env)
         if default_mode is RenderMode.LAMBDA and lambda_settings is None:
             raise ConfigError("RENDER_MODE=lambda needs LAMBDA_FUNCTION_NAME and RENDER_BUCKET")
-        roots = tuple(Path(p).resolve() for p in env.get("RENDER_ASSET_ROOTS", "").split(":") if p.strip())
+        roots = tuple(root.resolve() for root in parse_asset_roots(env.get("RENDER_ASSET_ROOTS")))
         listen = _host_port(env, "RENDERER_LISTEN", "127.0.0.1:50052")
         try:
             auth = _auth_tokens(env)
@@ -85,6 +88,8 @@ class RendererConfig:
             state_dir=Path(env.get("RENDER_STATE_DIR") or data_dir / "renderer").resolve(),
             concurrency=_int(env, "RENDER_CONCURRENCY", os.cpu_count() or 1, minimum=1, maximum=256),
             asset_roots=roots,
+            source_buckets=parse_buckets(env.get("RENDER_SOURCE_BUCKETS")),
+            stall_seconds=_float(env, "RENDER_STALL_SECONDS", 60.0, minimum=1.0),
             metering_timeout_seconds=_float(env, "METERING_TIMEOUT_SECONDS", 5.0, minimum=0.1),
             metering_token=_metering_token(env),
             metrics_listen=_optional_host_port(env, "RENDERER_METRICS_LISTEN"),

@@ -58,13 +58,26 @@ class RunningRenderer:
 
 
 def build_backends(config: RendererConfig) -> dict[RenderMode, RenderBackend]:
+    s3_fetcher = None
+    if config.source_buckets:
+        from renderer.s3 import Boto3Fetcher, s3_client
+
+        s3_fetcher = Boto3Fetcher(s3_client())
     backends: dict[RenderMode, RenderBackend] = {
-        RenderMode.LOCAL: LocalBackend(config.output_dir, asset_roots=config.asset_roots),
+        RenderMode.LOCAL: LocalBackend(
+            config.output_dir,
+            asset_roots=config.asset_roots,
+            s3_fetcher=s3_fetcher,
+            s3_buckets=config.source_buckets,
+            stall_seconds=config.stall_seconds,
+        ),
     }
     if config.lambda_settings is not None:
         from renderer.lambda_backend import LambdaBackend
 
-        backends[RenderMode.LAMBDA] = LambdaBackend.from_settings(config.lambda_settings)
+        backends[RenderMode.LAMBDA] = LambdaBackend.from_settings(
+            config.lambda_settings, source_buckets=config.source_buckets
+        )
     return backends
 
 

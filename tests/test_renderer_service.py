@@ -266,6 +266,7 @@ async def test_a_pending_completion_survives_a_renderer_restart(database_url: st
         (lambda r: setattr(r.composition, "duration_seconds", float("nan")), "composition.duration_seconds"),
         (lambda r: setattr(r.composition.texts[0], "text", "x" * 10_000), "composition.texts[0].text"),
         (lambda r: setattr(r.composition.clips[0], "source", "../../etc/passwd"), "composition.clips[0].source"),
+        (lambda r: setattr(r.composition.clips[0], "source", "s3://not-allowed/a.mp4"), "composition.clips[0].source"),
         (lambda r: setattr(r.composition, "background", "red'; rm -rf /"), "composition.background"),
     ],
 )
