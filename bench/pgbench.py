@@ -45,16 +45,12 @@ def _statements(user: str) -> tuple[list[tuple[str, list[str], bool]], list[tupl
     complete = [
         ("lock_export", [":export_id"], False),
         (
-            "close_export",
-            [":export_id", "'COMPLETED'", "NULL", "1000000", "10.0", "'file:///renders/x.mp4'", "1.5", NOW],
+            "complete_export",
+            [":export_id", "'COMPLETED'", "NULL", "1000000", "10.0", "'file:///renders/x.mp4'", "1.5", NOW,
+             user, project, ":usage_day", FORMAT, MODE, "0", "-1", "1", "0", "0", "0", "10.0", "1000000",
+             RENDER_BUCKET],
             False,
         ),
-        (
-            "rollup_transition",
-            [":usage_day", user, project, FORMAT, MODE, "-1", "1", "0", "0", "0", "10.0", "1000000"],
-            False,
-        ),
-        ("add_render_time", [":usage_day", user, project, RENDER_BUCKET], False),
     ]
     return reserve, complete
 

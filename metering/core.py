@@ -199,8 +199,13 @@ class MeteringCore:
             )
         now = self._policy.now()
         completed = request.outcome is ExportStatus.COMPLETED
+        # Measured length when reported, else the length that was asked for.
+        length = (request.duration_seconds or export.requested_duration_seconds) if completed else 0.0
+        slot_delta, deltas = _count_deltas(export.status, request.outcome)
+        # Reported before commit: a transaction that then fails over-counts a metric, never the ledger.
+        self._events.export_moved(request.outcome, export)
         row = await connection.fetchrow(
-            QUERIES["close_export"],
+            QUERIES["complete_export"],
             uuid.UUID(export.export_id),
             request.outcome.value,
             request.error or None,
@@ -209,25 +214,18 @@ class MeteringCore:
             request.output_uri or None,
             request.render_seconds or None,
             now,
+            export.user_id,
+            export.project_id,
+            export.usage_day,
+            export.format.value,
+            export.render_mode.value,
+            slot_delta,
+            *deltas,
+            length,
+            request.file_size_bytes if completed else 0,
+            stats.render_time_bucket(request.render_seconds) if completed and request.render_seconds > 0 else None,
         )
         closed = export_from_row(row)
-        # Measured length when reported, else the length that was asked for.
-        length = (request.duration_seconds or export.requested_duration_seconds) if completed else 0.0
-        await self._move(
-            connection,
-            export,
-            request.outcome,
-            completed_seconds=length,
-            completed_bytes=request.file_size_bytes if completed else 0,
-        )
-        if completed and request.render_seconds > 0:
-            await connection.execute(
-                QUERIES["add_render_time"],
-                export.usage_day,
-                export.user_id,
-                export.project_id,
-                stats.render_time_bucket(request.render_seconds),
-            )
         log.info(
             "export closed",
             extra={
@@ -257,20 +255,12 @@ class MeteringCore:
         RESERVED and COMPLETED only) and the rollup of the day it was created."""
         # Reported before commit: a transaction that then fails over-counts a metric, never the ledger.
         self._events.export_moved(to, export)
-        slot_delta = int(to.holds_slot) - int(export.status.holds_slot)
+        slot_delta, deltas = _count_deltas(export.status, to)
         if slot_delta:
             await connection.execute(QUERIES["add_daily_used"], export.user_id, export.usage_day, slot_delta)
             await connection.execute(
                 QUERIES["add_project_daily_used"], export.project_id, export.usage_day, slot_delta
             )
-        columns = [
-            ExportStatus.RESERVED,
-            ExportStatus.COMPLETED,
-            ExportStatus.FAILED,
-            ExportStatus.CANCELLED,
-            ExportStatus.EXPIRED,
-        ]
-        deltas = [int(status is to) - int(status is export.status) for status in columns]
         await connection.execute(
             QUERIES["rollup_transition"],
             export.usage_day,
@@ -398,6 +388,22 @@ class MeteringCore:
 
     async def ping(self, max_wait: float) -> None:
         await self._db.ping(max_wait)
+
+
+_ROLLUP_COLUMNS = (
+    ExportStatus.RESERVED,
+    ExportStatus.COMPLETED,
+    ExportStatus.FAILED,
+    ExportStatus.CANCELLED,
+    ExportStatus.EXPIRED,
+)
+
+
+def _count_deltas(old: ExportStatus, new: ExportStatus) -> tuple[int, list[int]]:
+    """What moving one export from `old` to `new` does to the counts: the day's usage (a slot is held by
+    RESERVED and COMPLETED only) and the rollup's status columns, in `_ROLLUP_COLUMNS` order."""
+    slot_delta = int(new.holds_slot) - int(old.holds_slot)
+    return slot_delta, [int(status is new) - int(status is old) for status in _ROLLUP_COLUMNS]
 
 
 def export_from_row(row: asyncpg.Record) -> Export:

@@ -121,19 +121,49 @@ SET reserved = reserved + $6, completed = completed + $7, failed = failed + $8,
     completed_bytes = completed_bytes + $12
 WHERE day = $1 AND user_id = $2 AND project_id = $3 AND format = $4 AND render_mode = $5;
 
--- name: add_render_time
-INSERT INTO render_time_histogram AS h (day, user_id, project_id, bucket, count) VALUES ($1, $2, $3, $4, 1)
-ON CONFLICT (day, user_id, project_id, bucket) DO UPDATE SET count = h.count + 1;
-
 -- name: lock_export
 SELECT * FROM exports WHERE export_id = $1 FOR UPDATE;
 
--- name: close_export
-UPDATE exports
-SET status = $2, error = $3, file_size_bytes = $4, duration_seconds = $5, output_uri = $6,
-    render_seconds = $7, completed_at = $8
-WHERE export_id = $1
-RETURNING *;
+-- name: complete_export
+-- Closes an export locked by lock_export and moves its counts, in one statement: the user's and the
+-- project's day usage when the slot changes hands, the rollup's status columns and the render-time
+-- histogram. Each step waits for the one before it (it reads its output; the last step reads the rollup
+-- too, since a step that cannot apply is planned away), which keeps this file's lock order inside the
+-- statement.
+-- $1 export_id, $2 outcome, $3 error, $4 bytes, $5 seconds, $6 output uri, $7 render seconds, $8 now;
+-- $9 user, $10 project, $11 the export's day, $12 format, $13 render mode; $14 slot delta (-1, 0, +1);
+-- $15..$19 deltas of reserved, completed, failed, cancelled, expired; $20 completed seconds, $21 completed
+-- bytes; $22 render-time bucket, or NULL for none.
+WITH daily AS (
+    UPDATE daily_usage SET used = used + $14
+    WHERE user_id = $9 AND day = $11 AND $14 <> 0
+    RETURNING 1
+), project_day AS (
+    UPDATE project_daily_usage SET used = used + $14
+    WHERE project_id = $10 AND day = $11 AND $14 <> 0 AND (SELECT count(*) FROM daily) >= 0
+    RETURNING 1
+), rollup AS (
+    UPDATE export_rollups
+    SET reserved = reserved + $15, completed = completed + $16, failed = failed + $17,
+        cancelled = cancelled + $18, expired = expired + $19,
+        completed_duration_seconds = completed_duration_seconds + $20,
+        completed_bytes = completed_bytes + $21
+    WHERE day = $11 AND user_id = $9 AND project_id = $10 AND format = $12 AND render_mode = $13
+      AND (SELECT count(*) FROM project_day) >= 0
+    RETURNING 1
+), render_time AS (
+    INSERT INTO render_time_histogram AS h (day, user_id, project_id, bucket, count)
+    SELECT $11, $9, $10, $22::integer, 1 WHERE $22::integer IS NOT NULL AND (SELECT count(*) FROM rollup) >= 0
+    ON CONFLICT (day, user_id, project_id, bucket) DO UPDATE SET count = h.count + 1
+    RETURNING 1
+), closed AS (
+    UPDATE exports
+    SET status = $2, error = $3, file_size_bytes = $4, duration_seconds = $5, output_uri = $6,
+        render_seconds = $7, completed_at = $8
+    WHERE export_id = $1 AND (SELECT count(*) FROM rollup) >= 0 AND (SELECT count(*) FROM render_time) >= 0
+    RETURNING *
+)
+SELECT * FROM closed;
 
 -- name: extend_lease
 UPDATE exports SET lease_expires_at = $2 WHERE export_id = $1 AND status = 'RESERVED' RETURNING *;
