@@ -30,7 +30,7 @@ def main() -> int:
         database_url = with_database(embedded_admin_url, EMBEDDED_DATABASE)
         log.info("embedded PostgreSQL", extra={"data_dir": str(config.data_dir / "pg")})
 
-    from metering.server import serve  # imports grpc: only now
+    from metering.server import serve  # creates gRPC objects only after the embedded database forked
 
     async def run() -> int:
         if embedded_admin_url is not None:
