@@ -55,6 +55,7 @@ class RunningRenderer:
         await self.metering.close()
         if self.stop_metrics is not None:
             self.stop_metrics()
+            metrics.set_outbox(0, 0)  # the gauges read the outbox at scrape time; it is closed now
 
 
 def build_backends(config: RendererConfig) -> dict[RenderMode, RenderBackend]:

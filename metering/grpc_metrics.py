@@ -1,0 +1,182 @@
+"""The gRPC half of both services' Prometheus metrics: the RPC counter and histogram, a grpc.aio server
+interceptor that records them with the real final status code, and the `/metrics` HTTP endpoint.
+
+Each service keeps its own registry and metric objects (`metering.metrics`, `renderer.metrics`) and builds them
+with `rpc_metrics(registry)`; only the mechanics live here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+# Same names and labels as go-grpc-prometheus, so stock dashboards work. 1 ms .. 10 s: every unary call of both
+# services is short; WatchRender streams for a whole render and lands in +Inf (render time has its own).
+RPC_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# Codes whose series exist from start-up for every method given to MetricsInterceptor(services=...).
+PREINITIALIZED_CODES = (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+
+
+def rpc_metrics(registry: CollectorRegistry) -> tuple[Counter, Histogram]:
+    handled = Counter(
+        "grpc_server_handled_total",
+        "RPCs completed on the server, by final status code.",
+        ("grpc_service", "grpc_method", "grpc_code"),
+        registry=registry,
+    )
+    seconds = Histogram(
+        "grpc_server_handling_seconds",
+        "Time from receiving an RPC to its final status (for streams: until the last message).",
+        ("grpc_service", "grpc_method"),
+        buckets=RPC_LATENCY_BUCKETS,
+        registry=registry,
+    )
+    return handled, seconds
+
+
+def start_http(listen: str, registry: CollectorRegistry) -> tuple[int, Callable[[], None]]:
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"metrics listen address must be host:port, not {listen!r}")
+    httpd, thread = start_http_server(int(port_text), addr=host.strip("[]"), registry=registry)
+
+    def stop() -> None:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+    return int(httpd.server_port), stop
+
+
+# --- the gRPC interceptor -------------------------------------------------------------------------------------
+
+
+def _split_method(full_method: str) -> tuple[str, str]:
+    """'/pkg.Service/Method' -> ('pkg.Service', 'Method')."""
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return service or "unknown", method or "unknown"
+
+
+def _final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    """The status the client receives. context.abort() records its code on the context before raising, and a
+    handler may set_code() and return normally; an exception that is neither becomes UNKNOWN, as in grpc."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):  # the client went away or the deadline passed
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+class _Recorder:
+    def __init__(self, handled: Counter, seconds: Histogram, service: str, method: str) -> None:
+        self._handled = handled
+        self._seconds = seconds
+        self._service = service
+        self._method = method
+
+    def done(self, started: float, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+        self._seconds.labels(self._service, self._method).observe(time.perf_counter() - started)
+        code = _final_code(context, error)
+        self._handled.labels(self._service, self._method, code.name).inc()
+
+    def wrap_unary_response(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            try:
+                response = await behavior(request, context)
+            except BaseException as error:
+                self.done(started, context, error)
+                raise
+            self.done(started, context, None)
+            return response
+
+        return wrapper
+
+    def wrap_stream_response(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(behavior):
+
+            async def generator_wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except BaseException as error:
+                    self.done(started, context, error)
+                    raise
+                self.done(started, context, None)
+
+            return generator_wrapper
+        # A coroutine that sends with `await context.write(...)` (grpc's health Watch does this).
+        return self.wrap_unary_response(behavior)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts (grpc_server_handled_total) and times (grpc_server_handling_seconds) every RPC, unary and
+    streaming, with the real final status code, including calls ended by context.abort().
+
+    Put it first in `interceptors=[...]`: an interceptor outside it that turns exceptions into status codes
+    would run after this one has already recorded UNKNOWN.
+    """
+
+    def __init__(
+        self,
+        services: Iterable[ServiceDescriptor] = (),
+        *,
+        handled: Counter,
+        seconds: Histogram,
+    ) -> None:
+        """`services`: protobuf service descriptors whose methods get their OK and error series created at 0
+        now, so that increase()/rate() in alerts see the first UNKNOWN or INTERNAL; a series that first
+        appears with value 1 looks like no increase at all."""
+        self._handled = handled
+        self._seconds = seconds
+        for service in services:
+            for method in service.methods:
+                for code in PREINITIALIZED_CODES:
+                    handled.labels(service.full_name, method.name, code.name)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED; not worth a series per typo
+            return None
+        recorder = _Recorder(self._handled, self._seconds, *_split_method(handler_call_details.method))
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                recorder.wrap_unary_response(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                recorder.wrap_stream_response(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                recorder.wrap_unary_response(handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                recorder.wrap_stream_response(handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
