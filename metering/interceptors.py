@@ -23,6 +23,7 @@ from grpc_status import rpc_status
 
 from metering import errors
 from metering.auth import METERING_ACCESS, AuthInterceptor, TokenTable
+from metering.logs import request_id, request_id_from
 
 log = logging.getLogger("metering.rpc")
 
@@ -147,6 +148,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
+            request_id.set(request_id_from(context.invocation_metadata()))  # this call's task only
             try:
                 if request is MALFORMED:
                     raise errors.InvalidArgument("request", f"is not a valid {rpc} request message")

@@ -11,13 +11,13 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 import asyncio
 import sys
 
-from renderer import logs
+from metering.logs import configure_logging
 from renderer.config import ConfigError, RendererConfig
 from renderer.server import serve_forever
 
 
 def main() -> int:
-    logs.configure("renderer")
+    configure_logging(service="renderer")
     try:
         config = RendererConfig.from_env()
     except ConfigError as error:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 from datetime import UTC, datetime
 
 import grpc
@@ -10,6 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from exportapi.metering.v1 import metering_pb2, metering_pb2_grpc
 from metering.auth import ClientTls, bearer_metadata, channel
+from metering.logs import REQUEST_ID_HEADER, request_id
 from renderer.domain import RESERVATION_SEAL, RenderMode, Reservation
 from renderer.metering_port import (
     ClosedExport,
@@ -20,9 +20,6 @@ from renderer.metering_port import (
     Outcome,
     ReserveRequest,
 )
-
-# Set by the renderer's servicer so metering's logs carry the same request id.
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 _MODES = {RenderMode.LOCAL: metering_pb2.RENDER_MODE_LOCAL, RenderMode.LAMBDA: metering_pb2.RENDER_MODE_LAMBDA}
 _OUTCOMES = {
@@ -59,9 +56,9 @@ class GrpcMeteringClient:
         metadata: list[tuple[str, str]] = []
         if self._token:
             metadata.append(bearer_metadata(self._token))
-        request_id = request_id_var.get()
-        if request_id:
-            metadata.append(("x-request-id", request_id))
+        current = request_id.get()  # set by the renderer's servicer: metering logs the same id
+        if current:
+            metadata.append((REQUEST_ID_HEADER, current))
         return tuple(metadata)
 
     async def _call(self, method, request):  # type: ignore[no-untyped-def]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
@@ -13,10 +12,10 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from exportapi.renderer.v1 import renderer_pb2_grpc
+from metering.logs import request_id, request_id_from
 from renderer import converters, metrics
 from renderer.errors import InvalidArgument
 from renderer.jobs import BackendUnavailable, IdempotencyConflict, JobNotFound, JobRunner
-from renderer.metering_client import request_id_var
 from renderer.metering_port import MeteringRejected, MeteringUnavailable
 
 log = logging.getLogger(__name__)
@@ -101,12 +100,6 @@ def _refuse_undecodable(request: Any, method: Callable[..., Any]) -> None:
         raise InvalidArgument("request", f"is not a valid {method.__name__} request message")
 
 
-def _request_id(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128 and value.isprintable():
-            return value
-    return uuid.uuid4().hex
-
 
 def _mapped(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wraps a unary or server-streaming method: request id in context, domain errors to status codes."""
@@ -114,7 +107,7 @@ def _mapped(method: Callable[..., Any]) -> Callable[..., Any]:
 
         @functools.wraps(method)
         async def streaming(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            token = request_id_var.set(_request_id(context))
+            token = request_id.set(request_id_from(context.invocation_metadata()))
             try:
                 _refuse_undecodable(request, method)
                 async for item in method(self, request, context):
@@ -122,20 +115,20 @@ def _mapped(method: Callable[..., Any]) -> Callable[..., Any]:
             except Exception as error:
                 await _abort(context, error)
             finally:
-                request_id_var.reset(token)
+                request_id.reset(token)
 
         return streaming
 
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        token = request_id_var.set(_request_id(context))
+        token = request_id.set(request_id_from(context.invocation_metadata()))
         try:
             _refuse_undecodable(request, method)
             return await method(self, request, context)
         except Exception as error:
             await _abort(context, error)
         finally:
-            request_id_var.reset(token)
+            request_id.reset(token)
 
     return unary
 
