@@ -304,6 +304,8 @@ class LambdaBackend:
         )
 
     async def render(self, assignment: RenderAssignment, on_progress: ProgressCallback) -> RenderOutput:
+        if not isinstance(assignment, RenderAssignment):
+            raise PermissionError("LambdaBackend renders only a RenderAssignment (a metering reservation)")
         keys = self.keys_for(assignment.export_id, assignment.format)
         async with self._session.client(
             "lambda", endpoint_url=self.config.endpoint_url, config=lambda_client_config(self.config)

@@ -1,0 +1,76 @@
+"""No code path reaches a render backend without a metering reservation.
+
+Three locks, each checked here: a `Reservation` can only be built with the seal, which only the metering
+client uses; only the job runner turns a reservation into a `RenderAssignment` and calls a backend; and every
+backend refuses anything that is not a `RenderAssignment`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from renderer.domain import Composition, OutputFormat
+from renderer.lambda_backend import LambdaBackend, LambdaBackendConfig
+from renderer.local_backend import LocalBackend
+
+RENDERER = Path(__file__).resolve().parent.parent / "renderer"
+
+
+def _uses(name: str) -> dict[str, int]:
+    """Modules of the renderer package that mention `name` as a name or attribute (outside domain.py)."""
+    found: dict[str, int] = {}
+    for path in sorted(RENDERER.glob("*.py")):
+        if path.name == "domain.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Name) and node.id == name) or (
+                isinstance(node, ast.Attribute) and node.attr == name
+            ):
+                found[path.name] = found.get(path.name, 0) + 1
+    return found
+
+
+def test_only_the_metering_client_can_seal_a_reservation() -> None:
+    assert set(_uses("RESERVATION_SEAL")) == {"metering_client.py"}
+
+
+def test_only_the_job_runner_builds_assignments() -> None:
+    assert set(_uses("RenderAssignment")) - {"local_backend.py", "lambda_backend.py"} == {"jobs.py"}
+
+
+def test_backends_are_called_only_by_the_job_runner() -> None:
+    """`.render(` on anything called a backend appears in jobs.py and nowhere else in the package."""
+    callers = set()
+    for path in sorted(RENDERER.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "render"
+                and "backend" in ast.unparse(node.func.value).lower()
+            ):
+                callers.add(path.name)
+    assert callers == {"jobs.py"}
+
+
+@dataclasses.dataclass
+class _Unreserved:
+    composition: Composition
+    format: OutputFormat
+    export_id: str = "sneaky"
+
+
+@pytest.mark.parametrize("make_backend", ["local", "lambda"])
+async def test_every_backend_refuses_work_without_a_reservation(make_backend: str, tmp_path: Path) -> None:
+    if make_backend == "local":
+        backend = LocalBackend(tmp_path / "out")
+    else:
+        backend = LambdaBackend(LambdaBackendConfig(function_name="f", bucket="b", endpoint_url="http://127.0.0.1:1"))
+    work = _Unreserved(Composition(width=160, height=120, fps=10, duration_seconds=1), OutputFormat.MP4)
+    with pytest.raises(PermissionError):
+        await backend.render(work, lambda progress: None)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
