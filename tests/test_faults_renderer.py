@@ -20,6 +20,7 @@ from tests.support.faults import (
     MeteringReplica,
     ProcessRegistry,
     RendererProcess,
+    set_tiers,
     until,
 )
 from tests.support.metering import metering_stub, start_metering, wait_health
@@ -54,11 +55,12 @@ async def export_row(database_url: str, export_id: str) -> asyncpg.Record:
 
 
 async def wait_rendering(stub, job_id: str) -> Job:
-    """Follows the job until ffmpeg has reported frames: the render is under way."""
+    """Follows the job until ffmpeg has reported some frames, not all: the render is under way."""
     async for job in stub.WatchRender(renderer_pb2.WatchRenderRequest(job_id=job_id), timeout=60):
-        if job.state == Job.RENDERING and job.frames_rendered > 0:
+        if job.state == Job.RENDERING and 0 < job.frames_rendered < job.frames_total:
             return job
         assert job.state in (Job.QUEUED, Job.RENDERING), f"the render ended before the fault: {job}"
+        assert job.frames_rendered < job.frames_total, f"every frame was rendered before the fault: {job}"
     raise AssertionError("the watch ended before the render started")
 
 
@@ -69,8 +71,10 @@ async def test_a_renderer_killed_mid_render_gives_the_slot_back_when_the_lease_r
         renderer = RendererProcess(processes, metering.target, tmp_path)
         await renderer.start()
         async with renderer_stub(renderer.target) as stub, metering_stub(metering.target) as ledger:
-            # 20 s of video: seconds of work at 160x120, so the kill lands mid-render.
-            job = await stub.StartRender(render_request("killed", "kim", seconds=20))
+            # Two minutes of video (a pro user's limit): seconds of work even at 160x120, 10 fps, and
+            # ffmpeg reports progress twice a second, so the kill lands mid-render.
+            await set_tiers(metering.target, {"kim": "pro"})
+            job = await stub.StartRender(render_request("killed", "kim", seconds=120))
             await wait_rendering(stub, job.job_id)
             in_flight = (await ledger.GetUsage(metering_pb2.GetUsageRequest(user_id="kim"))).usage
             ffmpeg = renderer.children()
@@ -109,8 +113,9 @@ async def test_a_completion_survives_metering_killed_mid_render_and_a_renderer_r
     await metering.start()
     renderer = RendererProcess(processes, metering.target, tmp_path)
     await renderer.start()
+    await set_tiers(metering.target, {"otto": "pro"})  # a minute of video: the render outlives metering
     async with renderer_stub(renderer.target) as stub:
-        job = await stub.StartRender(render_request("outage", "otto", seconds=8))
+        job = await stub.StartRender(render_request("outage", "otto", seconds=60))
         await wait_rendering(stub, job.job_id)
         metering.kill()
         await wait_health(renderer.target, NOT_SERVING, timeout=15)  # nothing new renders without metering
@@ -133,5 +138,5 @@ async def test_a_completion_survives_metering_killed_mid_render_and_a_renderer_r
     assert row["status"] == "COMPLETED"
     assert row["file_size_bytes"] == finished.file_size_bytes == output.stat().st_size
     assert row["output_uri"] == finished.output_uri
-    assert abs(row["duration_seconds"] - 8) < 0.5
+    assert abs(row["duration_seconds"] - 60) < 0.5
     await wait_health(renderer.target, SERVING)
