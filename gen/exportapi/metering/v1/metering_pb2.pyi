@@ -495,6 +495,26 @@ Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
 class DailyStats(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ByFormatEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     DATE_FIELD_NUMBER: _builtins.int
     EXPORTS_FIELD_NUMBER: _builtins.int
     COMPLETED_FIELD_NUMBER: _builtins.int
@@ -502,6 +522,7 @@ class DailyStats(_message.Message):
     AVG_DURATION_SECONDS_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
     EXPIRED_FIELD_NUMBER: _builtins.int
+    BY_FORMAT_FIELD_NUMBER: _builtins.int
     date: _builtins.str
     """"YYYY-MM-DD"."""
     exports: _builtins.int
@@ -510,6 +531,10 @@ class DailyStats(_message.Message):
     avg_duration_seconds: _builtins.float
     cancelled: _builtins.int
     expired: _builtins.int
+    @_builtins.property
+    def by_format(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Exports of that day by format ("mp4", "webm", "gif"), whatever their status; formats without any left out."""
+
     def __init__(
         self,
         *,
@@ -520,10 +545,11 @@ class DailyStats(_message.Message):
         avg_duration_seconds: _builtins.float = ...,
         cancelled: _builtins.int = ...,
         expired: _builtins.int = ...,
+        by_format: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_duration_seconds", b"avg_duration_seconds", "cancelled", b"cancelled", "completed", b"completed", "date", b"date", "expired", b"expired", "exports", b"exports", "failed", b"failed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_duration_seconds", b"avg_duration_seconds", "by_format", b"by_format", "cancelled", b"cancelled", "completed", b"completed", "date", b"date", "expired", b"expired", "exports", b"exports", "failed", b"failed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -663,6 +689,7 @@ class GetStatsResponse(_message.Message):
     PROJECTS_FIELD_NUMBER: _builtins.int
     WINDOW_START_DATE_FIELD_NUMBER: _builtins.int
     WINDOW_END_DATE_FIELD_NUMBER: _builtins.int
+    NEAR_LIMIT_FIELD_NUMBER: _builtins.int
     total_exports: _builtins.int
     completed: _builtins.int
     failed: _builtins.int
@@ -699,6 +726,14 @@ class GetStatsResponse(_message.Message):
     def projects(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProjectStats]:
         """Busiest projects of the window."""
 
+    @_builtins.property
+    def near_limit(self) -> _containers.RepeatedCompositeFieldContainer[Global___UserStats]:
+        """Users near their daily limit today: at most max(1, 20% of the tier's daily limit) exports left, or none.
+        Most used first, at most 100; narrowed to the request's user and/or project (users who exported in that
+        project today, with their whole day's count). Users on a tier without a daily limit never appear.
+        Only user_id, tier, used_today and daily_limit are filled.
+        """
+
     def __init__(
         self,
         *,
@@ -722,10 +757,11 @@ class GetStatsResponse(_message.Message):
         projects: _abc.Iterable[Global___ProjectStats] | None = ...,
         window_start_date: _builtins.str = ...,
         window_end_date: _builtins.str = ...,
+        near_limit: _abc.Iterable[Global___UserStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_export_at", b"last_export_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_duration_seconds", b"avg_duration_seconds", "by_format", b"by_format", "by_render_mode", b"by_render_mode", "cancelled", b"cancelled", "completed", b"completed", "daily", b"daily", "expired", b"expired", "failed", b"failed", "failure_rate", b"failure_rate", "favorite_format", b"favorite_format", "in_flight", b"in_flight", "last_export_at", b"last_export_at", "p50_render_seconds", b"p50_render_seconds", "p95_render_seconds", b"p95_render_seconds", "projects", b"projects", "total_bytes", b"total_bytes", "total_exports", b"total_exports", "users", b"users", "window_end_date", b"window_end_date", "window_start_date", b"window_start_date"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_duration_seconds", b"avg_duration_seconds", "by_format", b"by_format", "by_render_mode", b"by_render_mode", "cancelled", b"cancelled", "completed", b"completed", "daily", b"daily", "expired", b"expired", "failed", b"failed", "failure_rate", b"failure_rate", "favorite_format", b"favorite_format", "in_flight", b"in_flight", "last_export_at", b"last_export_at", "near_limit", b"near_limit", "p50_render_seconds", b"p50_render_seconds", "p95_render_seconds", b"p95_render_seconds", "projects", b"projects", "total_bytes", b"total_bytes", "total_exports", b"total_exports", "users", b"users", "window_end_date", b"window_end_date", "window_start_date", b"window_start_date"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
