@@ -28,26 +28,32 @@ NOW = "now()"
 FORMAT = "'mp4'"
 MODE = "'local'"
 RENDER_BUCKET = str(stats.render_time_bucket(1.5))
+# The bench's tier table (bench/services.py: BENCH_TIERS), as metering passes it to `reserve`.
+TIER_NAMES = "ARRAY['free', 'pro', 'unlimited']"
+TIER_DAILY = "ARRAY[1000000000, 50, NULL]::bigint[]"
+TIER_SECONDS = "ARRAY[3600, 120, NULL]::double precision[]"
+TIER_PROJECT = "ARRAY[NULL, NULL, NULL]::bigint[]"
 
 
-def _statements(user: str) -> tuple[list[tuple[str, list[str], bool]], list[tuple[str, list[str], bool]]]:
+Step = tuple[str, list[str], bool] | str  # (query name, its arguments, \\gset?) or a pgbench meta-command
+
+
+def _statements(user: str) -> tuple[list[Step], list[Step]]:
     project = f"({user} || '-p' || :p::text)"
+    reserve_args = [user, DAY, project, KEY, "gen_random_uuid()", "'fingerprint'", MODE, FORMAT, "'1280x720'",
+                    "10.0", NOW, "now() + interval '120 seconds'", TIER_NAMES, TIER_DAILY, TIER_SECONDS,
+                    TIER_PROJECT, "'free'"]
     reserve = [
-        ("lock_daily_usage", [user, DAY], False),
-        ("reserve_context", [user, KEY, project, DAY], False),
-        (
-            "reserve_export",
-            ["gen_random_uuid()", user, project, KEY, "'fingerprint'", MODE, FORMAT, "'1280x720'", "10.0",
-             DAY, NOW, "now() + interval '120 seconds'"],
-            True,
-        ),
+        ("reserve", reserve_args, True),
+        "\\if :new_day",
+        ("ensure_usage_rows", [user, DAY, project], False),
+        ("reserve", reserve_args, True),
+        "\\endif",
     ]
     complete = [
-        ("lock_export", [":export_id"], False),
         (
-            "complete_export",
+            "complete",
             [":export_id", "'COMPLETED'", "NULL", "1000000", "10.0", "'file:///renders/x.mp4'", "1.5", NOW,
-             user, project, ":usage_day", FORMAT, MODE, "0", "-1", "1", "0", "0", "0", "10.0", "1000000",
              RENDER_BUCKET],
             False,
         ),
@@ -57,25 +63,24 @@ def _statements(user: str) -> tuple[list[tuple[str, list[str], bool]], list[tupl
 
 def _bind(sql: str, args: list[str]) -> str:
     body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
-    return re.sub(r"\$(\d+)", lambda match: args[int(match.group(1)) - 1], body).rstrip().rstrip(";")
+    return re.sub(r"\$(\d+)", lambda match: f"({args[int(match.group(1)) - 1]})", body).rstrip().rstrip(";")
 
 
 def script(shape: str, users: int = 10_000) -> str:
-    """One pgbench transaction = one pair: the reservation's transaction, then the completion's."""
+    """One pgbench transaction = one pair: the reservation's statement(s), then the completion's."""
     user = USER_HOT if shape == "hot" else USER_SPREAD
     reserve, complete = _statements(user)
     lines = [
         f"\\set u random(0, {users - 1})",
         "\\set p random(0, 2)",
         "\\set k random(1, 4611686018427387903)",
-        "BEGIN;",
     ]
-    for name, args, gset in reserve:
-        lines.append(_bind(QUERIES[name], args) + (" \\gset" if gset else ";"))
-    lines += ["COMMIT;", "BEGIN;"]
-    for name, args, gset in complete:
-        lines.append(_bind(QUERIES[name], args) + (" \\gset" if gset else ";"))
-    lines.append("COMMIT;")
+    for step in [*reserve, *complete]:
+        if isinstance(step, str):
+            lines.append(step)
+        else:
+            name, args, gset = step
+            lines.append(_bind(QUERIES[name], args) + (" \\gset" if gset else ";"))
     return "\n".join(lines) + "\n"
 
 

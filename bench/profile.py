@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,9 +21,11 @@ def start_recording(pid: int, seconds: float, output: Path) -> subprocess.Popen[
     if binary is None:
         return None
     output.parent.mkdir(parents=True, exist_ok=True)
+    # BENCH_PROFILE_NATIVE=1: C frames too (gRPC core, uvloop); py-spy must pause the process to unwind them.
+    mode = ["--native"] if os.environ.get("BENCH_PROFILE_NATIVE") else ["--nonblocking"]
     return subprocess.Popen(
         [binary, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "200",
-         "--format", "raw", "--nonblocking", "--output", str(output)],
+         "--format", "raw", *mode, "--output", str(output)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

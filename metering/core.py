@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Protocol
 
 import asyncpg
@@ -83,7 +83,7 @@ class MeteringCore:
     async def check_and_reserve(self, request: ReserveRequest) -> ReserveResult:
         new = validation.new_export(request)
         try:
-            result = await self._db.transaction(lambda connection: self._reserve(connection, new))
+            result = await self._db.autocommit(lambda connection: self._reserve(connection, new))
         except errors.QuotaExceeded as denial:
             self._events.denied(denial.tier, "project_daily_limit" if denial.scope == "project" else "daily_limit")
             raise
@@ -95,55 +95,65 @@ class MeteringCore:
         return result
 
     async def _reserve(self, connection: asyncpg.Connection, new: NewExport) -> ReserveResult:
-        # Three statements: lock the user's day, then (in a fresh snapshot) the project's day, the tier and a
-        # replay, then the export with all its counts. Checking the quota happens between the second and third.
+        # One statement does the reservation (see `reserve` in queries.sql); the rest runs only when it
+        # could not: a new day (create its rows, then again), a replay, or a refusal.
         fingerprint = new.fingerprint()
         now = self._policy.now()
         day = self._policy.day_of(now)
-        used = await connection.fetchval(QUERIES["lock_daily_usage"], new.user_id, day)
-        context = await connection.fetchrow(
-            QUERIES["reserve_context"], new.user_id, new.idempotency_key, new.project_id, day
-        )
-        if context["export_id"] is not None:
-            return await self._replay(connection, context, fingerprint, now)
-
-        tier = self._tiers.resolve(context["tier"])
+        row = await self._reserve_statement(connection, new, fingerprint, day, now)
+        if row["new_day"]:
+            await connection.execute(QUERIES["ensure_usage_rows"], new.user_id, day, new.project_id)
+            row = await self._reserve_statement(connection, new, fingerprint, day, now)
+        tier = self._tiers.resolve(row["tier"])
+        if row["export_id"] is not None:
+            export = export_from_row(row)
+            used = row["used"] + 1
+            log.info(
+                "export reserved",
+                extra={"export_id": export.export_id, "user_id": new.user_id, "used": used, "tier": tier.name},
+            )
+            return ReserveResult(
+                export=export, usage=self._usage_of(new.user_id, tier, used, row["in_flight"], now), replayed=False
+            )
+        # Nothing recorded: a replay (the key is taken; answered before any limit, as always), or a refusal.
+        existing = await connection.fetchrow(QUERIES["export_by_idempotency_key"], new.user_id, new.idempotency_key)
+        if existing is not None:
+            return await self._replay(connection, existing, fingerprint, now)
         self._policy.check(
             tier,
             user_id=new.user_id,
             project_id=new.project_id,
             duration_seconds=new.duration_seconds,
-            used_today=used,
-            project_used_today=context["project_used"],
+            used_today=row["used"],
+            project_used_today=row["project_used"],
             moment=now,
         )
-        row = await connection.fetchrow(
-            QUERIES["reserve_export"],
-            uuid.uuid4(),
+        raise RuntimeError(f"the reservation gate refused what the quota policy allows (user {new.user_id})")
+
+    async def _reserve_statement(
+        self, connection: asyncpg.Connection, new: NewExport, fingerprint: str, day: date, now: datetime
+    ) -> asyncpg.Record:
+        tiers = list(self._tiers.values())
+        return await connection.fetchrow(
+            QUERIES["reserve"],
             new.user_id,
+            day,
             new.project_id,
             new.idempotency_key,
+            uuid.uuid4(),
             fingerprint,
             new.render_mode.value,
             new.format.value,
             new.resolution,
             new.duration_seconds,
-            day,
             now,
             now + self._lease,
+            [tier.name for tier in tiers],
+            [tier.daily_limit for tier in tiers],
+            [tier.max_duration_seconds for tier in tiers],
+            [tier.project_daily_limit for tier in tiers],
+            self._tiers.default.name,
         )
-        if row is None:  # the key was committed by a reservation counted on another day
-            existing = await connection.fetchrow(
-                QUERIES["export_by_idempotency_key"], new.user_id, new.idempotency_key
-            )
-            return await self._replay(connection, existing, fingerprint, now)
-        export = export_from_row(row)
-        usage = self._usage_of(new.user_id, tier, used + 1, row["in_flight"], now)
-        log.info(
-            "export reserved",
-            extra={"export_id": export.export_id, "user_id": new.user_id, "used": used + 1, "tier": tier.name},
-        )
-        return ReserveResult(export=export, usage=usage, replayed=False)
 
     async def _replay(
         self, connection: asyncpg.Connection, row: asyncpg.Record, fingerprint: str, now: datetime
@@ -180,14 +190,30 @@ class MeteringCore:
 
     async def complete(self, request: CompleteRequest) -> Export:
         checked = validation.complete(request)
-        return await self._db.transaction(lambda connection: self._complete(connection, checked))
+        return await self._db.autocommit(lambda connection: self._complete(connection, checked))
 
     async def _complete(self, connection: asyncpg.Connection, request: CompleteRequest) -> Export:
         assert request.outcome is not None
-        export = await self._lock_export(connection, request.export_id)
-        if export.status == request.outcome:
-            return export  # the same answer again: unchanged
-        if export.status not in (ExportStatus.RESERVED, ExportStatus.EXPIRED):
+        completed = request.outcome is ExportStatus.COMPLETED
+        # One statement locks, closes and moves the counts (see `complete` in queries.sql).
+        row = await connection.fetchrow(
+            QUERIES["complete"],
+            uuid.UUID(request.export_id),
+            request.outcome.value,
+            request.error or None,
+            request.file_size_bytes or None,
+            request.duration_seconds or None,
+            request.output_uri or None,
+            request.render_seconds or None,
+            self._policy.now(),
+            stats.render_time_bucket(request.render_seconds) if completed and request.render_seconds > 0 else None,
+        )
+        if row is None:
+            raise errors.NotFound(f"export {request.export_id} not found")
+        export = export_from_row(row)
+        if not row["changed"]:
+            if export.status == request.outcome:
+                return export  # the same answer again: unchanged
             raise errors.FailedPrecondition(
                 f"export {export.export_id} is already {export.status.value}; "
                 f"it cannot also be {request.outcome.value}",
@@ -197,44 +223,18 @@ class MeteringCore:
                     ),
                 ),
             )
-        now = self._policy.now()
-        completed = request.outcome is ExportStatus.COMPLETED
-        # Measured length when reported, else the length that was asked for.
-        length = (request.duration_seconds or export.requested_duration_seconds) if completed else 0.0
-        slot_delta, deltas = _count_deltas(export.status, request.outcome)
-        # Reported before commit: a transaction that then fails over-counts a metric, never the ledger.
+        # Reported after commit (the statement is its own transaction): a crash right here under-counts a
+        # metric, never the ledger.
         self._events.export_moved(request.outcome, export)
-        row = await connection.fetchrow(
-            QUERIES["complete_export"],
-            uuid.UUID(export.export_id),
-            request.outcome.value,
-            request.error or None,
-            request.file_size_bytes or None,
-            request.duration_seconds or None,
-            request.output_uri or None,
-            request.render_seconds or None,
-            now,
-            export.user_id,
-            export.project_id,
-            export.usage_day,
-            export.format.value,
-            export.render_mode.value,
-            slot_delta,
-            *deltas,
-            length,
-            request.file_size_bytes if completed else 0,
-            stats.render_time_bucket(request.render_seconds) if completed and request.render_seconds > 0 else None,
-        )
-        closed = export_from_row(row)
         log.info(
             "export closed",
             extra={
                 "export_id": export.export_id,
                 "outcome": request.outcome.value,
-                "late": export.status is ExportStatus.EXPIRED,
+                "late": row["previous_status"] == ExportStatus.EXPIRED.value,
             },
         )
-        return closed
+        return export
 
     async def _lock_export(self, connection: asyncpg.Connection, export_id: str) -> Export:
         row = await connection.fetchrow(QUERIES["lock_export"], uuid.UUID(export_id))

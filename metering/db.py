@@ -76,6 +76,19 @@ class Database:
                 log.warning("transaction retried", extra={"attempt": attempt})
         raise AssertionError("unreachable")
 
+    async def autocommit(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Like `transaction`, for work whose statements each stand alone (each is its own transaction):
+        no BEGIN and COMMIT round trips. Retried on deadlock too, so `work` must be safe to run again."""
+        for attempt in range(1, self._attempts + 1):
+            try:
+                async with self.connection() as connection:
+                    return await work(connection)
+            except _RETRYABLE_ERRORS:
+                if attempt == self._attempts:
+                    raise
+                log.warning("statement retried", extra={"attempt": attempt})
+        raise AssertionError("unreachable")
+
     async def ping(self, max_wait: float) -> None:
         async with asyncio.timeout(max_wait), self.connection() as connection:
             with unavailable_on_connection_errors():

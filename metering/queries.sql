@@ -31,25 +31,80 @@ SELECT true FROM pg_database WHERE datname = $1;
 -- name: export_by_idempotency_key
 SELECT * FROM exports WHERE user_id = $1 AND idempotency_key = $2;
 
--- name: lock_daily_usage
--- Creates the user's row for the day if needed and locks it: every reservation of one user on one day
--- queues here, on every replica. Returns the exports counted so far.
-INSERT INTO daily_usage AS d (user_id, day, used) VALUES ($1, $2, 0)
-ON CONFLICT (user_id, day) DO UPDATE SET used = d.used
-RETURNING used;
-
--- name: reserve_context
--- Run with the user's day row locked (lock_daily_usage): locks the project's day row, and reads the user's
--- tier and the export already holding this idempotency key, if any. A statement of its own, so that its
--- snapshot sees a replay committed while this transaction waited for the user's lock.
--- $1 user, $2 idempotency key, $3 project, $4 day. One row; its export columns are NULL without a replay.
-WITH project AS (
-    INSERT INTO project_daily_usage AS p (project_id, day, used) VALUES ($3, $4, 0)
-    ON CONFLICT (project_id, day) DO UPDATE SET used = p.used
-    RETURNING used
+-- name: ensure_usage_rows
+-- The user's and the project's counters of the day, created at 0 when missing (locks nothing).
+-- $1 user, $2 day, $3 project.
+WITH daily AS (
+    INSERT INTO daily_usage (user_id, day, used) VALUES ($1, $2, 0) ON CONFLICT DO NOTHING
 )
-SELECT project.used AS project_used, (SELECT tier FROM accounts WHERE user_id = $1) AS tier, e.*
-FROM project LEFT JOIN exports e ON e.user_id = $1 AND e.idempotency_key = $2;
+INSERT INTO project_daily_usage (project_id, day, used) VALUES ($3, $2, 0) ON CONFLICT DO NOTHING;
+
+-- name: reserve
+-- A whole reservation in one statement, its own transaction: lock the user's day row, then the project's,
+-- gate on the tier's limits, record the RESERVED export and count it (the day's usage, the project's, the
+-- project row, the rollup). Every reservation of one user on one day queues on the first lock, on every
+-- replica, and reads the counts as they are once it has the lock. The gate applies the same comparisons
+-- as QuotaPolicy.check, which still decides every refusal from the counts returned here.
+-- Returns one row: new_day = 1 when a day row is missing (run ensure_usage_rows, then this again); no
+-- export when the gate refused or the idempotency key is taken (a replay). in_flight counts the user's
+-- reservations as of the statement's start, this one included.
+-- $1 user, $2 day, $3 project, $4 idempotency key, $5 export_id, $6 fingerprint, $7 render mode, $8 format,
+-- $9 resolution, $10 requested seconds, $11 now, $12 lease end; the tier table as arrays: $13 names,
+-- $14 daily limits, $15 longest videos (seconds), $16 project daily limits (NULL: no limit); $17 the tier
+-- of accounts with none (or one no longer configured).
+WITH daily AS MATERIALIZED (
+    SELECT used FROM daily_usage WHERE user_id = $1 AND day = $2 FOR UPDATE
+), project_day AS MATERIALIZED (
+    -- Joined with `daily` so that it locks only once the user's row is locked (this file's lock order).
+    SELECT p.used FROM project_daily_usage p CROSS JOIN daily
+    WHERE p.project_id = $3 AND p.day = $2
+    FOR UPDATE OF p
+), tier AS (
+    SELECT t.name, t.daily_limit, t.max_seconds, t.project_limit
+    FROM unnest($13::text[], $14::bigint[], $15::double precision[], $16::bigint[])
+        AS t(name, daily_limit, max_seconds, project_limit)
+    WHERE t.name = coalesce(
+        (SELECT a.tier FROM accounts a WHERE a.user_id = $1 AND a.tier = ANY($13::text[])), $17::text
+    )
+), decision AS MATERIALIZED (
+    SELECT daily.used, project_day.used AS project_used, tier.name AS tier,
+           (tier.max_seconds IS NULL OR $10::double precision <= tier.max_seconds)
+           AND (tier.daily_limit IS NULL OR daily.used < tier.daily_limit)
+           AND (tier.project_limit IS NULL OR project_day.used < tier.project_limit) AS fits
+    FROM daily CROSS JOIN project_day CROSS JOIN tier
+), inserted AS (
+    INSERT INTO exports (
+        export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
+        resolution, requested_duration_seconds, usage_day, created_at, lease_expires_at
+    )
+    SELECT $5::uuid, $1, $3, $4::text, $6::text, 'RESERVED', $7::text, $8::text, $9::text, $10, $2, $11::timestamptz,
+           $12::timestamptz
+    FROM decision WHERE decision.fits
+    ON CONFLICT (user_id, idempotency_key) DO NOTHING
+    RETURNING *
+), daily_count AS (
+    UPDATE daily_usage SET used = used + 1
+    WHERE user_id = $1 AND day = $2 AND EXISTS (SELECT FROM inserted)
+), project_count AS (
+    UPDATE project_daily_usage SET used = used + 1
+    WHERE project_id = $3 AND day = $2 AND EXISTS (SELECT FROM inserted)
+), project AS (
+    INSERT INTO projects AS p (project_id, user_id, export_count, last_export_at, created_at)
+    SELECT $3, $1, 1, $11, $11 FROM inserted
+    ON CONFLICT (project_id) DO UPDATE
+    SET export_count = p.export_count + 1, last_export_at = greatest(p.last_export_at, EXCLUDED.last_export_at)
+), rollup AS (
+    INSERT INTO export_rollups AS r (day, user_id, project_id, format, render_mode, exports, reserved, last_export_at)
+    SELECT $2, $1, $3, $8, $7, 1, 1, $11 FROM inserted
+    ON CONFLICT (day, user_id, project_id, format, render_mode) DO UPDATE
+    SET exports = r.exports + 1, reserved = r.reserved + 1,
+        last_export_at = greatest(r.last_export_at, EXCLUDED.last_export_at)
+)
+SELECT (decision.used IS NULL)::integer AS new_day, decision.used, decision.project_used, decision.tier, inserted.*,
+       (SELECT count(*) FROM exports WHERE user_id = $1 AND status = 'RESERVED') + 1 AS in_flight
+FROM (SELECT) AS one
+LEFT JOIN decision ON true
+LEFT JOIN inserted ON true;
 
 -- name: daily_used
 SELECT used FROM daily_usage WHERE user_id = $1 AND day = $2;
@@ -74,43 +129,6 @@ SELECT count(*) FROM exports WHERE user_id = $1 AND status = 'RESERVED';
 -- name: in_flight_total
 SELECT count(*) FROM exports WHERE status = 'RESERVED';
 
--- name: reserve_export
--- A new RESERVED export and its counts (the day's usage, the project's, the project row, the rollup) in one
--- statement, so one round trip. The day rows are already locked by this transaction (lock_daily_usage,
--- reserve_context). Nothing happens when the idempotency key was committed meanwhile by a reservation
--- counted on another day: no row comes back. Returns the export and the user's reservations in flight,
--- this one included (the statement's snapshot does not see its own insert, hence + 1).
--- $1 export_id, $2 user, $3 project, $4 idempotency key, $5 fingerprint, $6 render mode, $7 format,
--- $8 resolution, $9 requested seconds, $10 day, $11 now, $12 lease end.
-WITH inserted AS (
-    INSERT INTO exports (
-        export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
-        resolution, requested_duration_seconds, usage_day, created_at, lease_expires_at
-    ) VALUES ($1, $2, $3, $4, $5, 'RESERVED', $6, $7, $8, $9, $10, $11, $12)
-    ON CONFLICT (user_id, idempotency_key) DO NOTHING
-    RETURNING *
-), daily AS (
-    UPDATE daily_usage SET used = used + 1
-    WHERE user_id = $2 AND day = $10 AND EXISTS (SELECT FROM inserted)
-), project_day AS (
-    UPDATE project_daily_usage SET used = used + 1
-    WHERE project_id = $3 AND day = $10 AND EXISTS (SELECT FROM inserted)
-), project AS (
-    INSERT INTO projects AS p (project_id, user_id, export_count, last_export_at, created_at)
-    SELECT $3, $2, 1, $11, $11 FROM inserted
-    ON CONFLICT (project_id) DO UPDATE
-    SET export_count = p.export_count + 1, last_export_at = greatest(p.last_export_at, EXCLUDED.last_export_at)
-), rollup AS (
-    INSERT INTO export_rollups AS r (day, user_id, project_id, format, render_mode, exports, reserved, last_export_at)
-    SELECT $10, $2, $3, $7, $6, 1, 1, $11 FROM inserted
-    ON CONFLICT (day, user_id, project_id, format, render_mode) DO UPDATE
-    SET exports = r.exports + 1, reserved = r.reserved + 1,
-        last_export_at = greatest(r.last_export_at, EXCLUDED.last_export_at)
-)
-SELECT inserted.*,
-       (SELECT count(*) FROM exports WHERE user_id = $2 AND status = 'RESERVED') + 1 AS in_flight
-FROM inserted;
-
 -- name: rollup_transition
 -- Moves one export between status columns: $6..$10 are -1/0/+1 deltas for reserved, completed, failed,
 -- cancelled, expired; $11 and $12 add to the completed duration and bytes.
@@ -124,46 +142,71 @@ WHERE day = $1 AND user_id = $2 AND project_id = $3 AND format = $4 AND render_m
 -- name: lock_export
 SELECT * FROM exports WHERE export_id = $1 FOR UPDATE;
 
--- name: complete_export
--- Closes an export locked by lock_export and moves its counts, in one statement: the user's and the
--- project's day usage when the slot changes hands, the rollup's status columns and the render-time
--- histogram. Each step waits for the one before it (it reads its output; the last step reads the rollup
--- too, since a step that cannot apply is planned away), which keeps this file's lock order inside the
--- statement.
--- $1 export_id, $2 outcome, $3 error, $4 bytes, $5 seconds, $6 output uri, $7 render seconds, $8 now;
--- $9 user, $10 project, $11 the export's day, $12 format, $13 render mode; $14 slot delta (-1, 0, +1);
--- $15..$19 deltas of reserved, completed, failed, cancelled, expired; $20 completed seconds, $21 completed
--- bytes; $22 render-time bucket, or NULL for none.
-WITH daily AS (
-    UPDATE daily_usage SET used = used + $14
-    WHERE user_id = $9 AND day = $11 AND $14 <> 0
+-- name: complete
+-- Closes an export in one statement, its own transaction: lock the export's row, and when it moves (from
+-- RESERVED or EXPIRED to another status) move its counts too: the user's and the project's day usage
+-- when the slot changes hands (RESERVED and COMPLETED hold one), the rollup's status columns and the
+-- render-time histogram; each step waits for the one before it (it reads its output) to keep this file's
+-- lock order inside the statement. Returns the closed export with changed = true, or the export as it
+-- was with changed = false (the same outcome again, or already closed otherwise), or no row (unknown).
+-- $1 export_id, $2 outcome, $3 error, $4 bytes, $5 measured seconds, $6 output uri, $7 render seconds,
+-- $8 now, $9 render-time bucket (NULL: none).
+WITH old AS MATERIALIZED (
+    SELECT * FROM exports WHERE export_id = $1 FOR UPDATE
+), move AS MATERIALIZED (
+    SELECT old.export_id, old.user_id, old.project_id, old.usage_day, old.format, old.render_mode, old.status,
+           old.requested_duration_seconds,
+           (CASE WHEN $2::text IN ('RESERVED', 'COMPLETED') THEN 1 ELSE 0 END)
+           - (CASE WHEN old.status IN ('RESERVED', 'COMPLETED') THEN 1 ELSE 0 END) AS slot_delta
+    FROM old
+    WHERE old.status IN ('RESERVED', 'EXPIRED') AND old.status <> $2::text
+), daily AS (
+    UPDATE daily_usage d SET used = d.used + m.slot_delta
+    FROM move m
+    WHERE d.user_id = m.user_id AND d.day = m.usage_day AND m.slot_delta <> 0
     RETURNING 1
 ), project_day AS (
-    UPDATE project_daily_usage SET used = used + $14
-    WHERE project_id = $10 AND day = $11 AND $14 <> 0 AND (SELECT count(*) FROM daily) >= 0
+    UPDATE project_daily_usage p SET used = p.used + m.slot_delta
+    FROM move m
+    WHERE p.project_id = m.project_id AND p.day = m.usage_day AND m.slot_delta <> 0
+      AND (SELECT count(*) FROM daily) >= 0
     RETURNING 1
 ), rollup AS (
-    UPDATE export_rollups
-    SET reserved = reserved + $15, completed = completed + $16, failed = failed + $17,
-        cancelled = cancelled + $18, expired = expired + $19,
-        completed_duration_seconds = completed_duration_seconds + $20,
-        completed_bytes = completed_bytes + $21
-    WHERE day = $11 AND user_id = $9 AND project_id = $10 AND format = $12 AND render_mode = $13
+    UPDATE export_rollups r
+    SET reserved = r.reserved + ($2::text = 'RESERVED')::int - (m.status = 'RESERVED')::int,
+        completed = r.completed + ($2::text = 'COMPLETED')::int - (m.status = 'COMPLETED')::int,
+        failed = r.failed + ($2::text = 'FAILED')::int - (m.status = 'FAILED')::int,
+        cancelled = r.cancelled + ($2::text = 'CANCELLED')::int - (m.status = 'CANCELLED')::int,
+        expired = r.expired + ($2::text = 'EXPIRED')::int - (m.status = 'EXPIRED')::int,
+        -- A completed export counts its measured length when reported, else the length asked for.
+        completed_duration_seconds = r.completed_duration_seconds
+            + CASE WHEN $2::text = 'COMPLETED' THEN coalesce($5::double precision, m.requested_duration_seconds)
+                   ELSE 0 END,
+        completed_bytes = r.completed_bytes + CASE WHEN $2::text = 'COMPLETED' THEN coalesce($4::bigint, 0) ELSE 0 END
+    FROM move m
+    WHERE r.day = m.usage_day AND r.user_id = m.user_id AND r.project_id = m.project_id
+      AND r.format = m.format AND r.render_mode = m.render_mode
       AND (SELECT count(*) FROM project_day) >= 0
     RETURNING 1
 ), render_time AS (
     INSERT INTO render_time_histogram AS h (day, user_id, project_id, bucket, count)
-    SELECT $11, $9, $10, $22::integer, 1 WHERE $22::integer IS NOT NULL AND (SELECT count(*) FROM rollup) >= 0
+    SELECT m.usage_day, m.user_id, m.project_id, $9::integer, 1
+    FROM move m
+    WHERE $2::text = 'COMPLETED' AND $9::integer IS NOT NULL AND (SELECT count(*) FROM rollup) >= 0
     ON CONFLICT (day, user_id, project_id, bucket) DO UPDATE SET count = h.count + 1
     RETURNING 1
 ), closed AS (
-    UPDATE exports
-    SET status = $2, error = $3, file_size_bytes = $4, duration_seconds = $5, output_uri = $6,
-        render_seconds = $7, completed_at = $8
-    WHERE export_id = $1 AND (SELECT count(*) FROM rollup) >= 0 AND (SELECT count(*) FROM render_time) >= 0
-    RETURNING *
+    UPDATE exports e
+    SET status = $2::text, error = $3::text, file_size_bytes = $4::bigint, duration_seconds = $5::double precision,
+        output_uri = $6::text, render_seconds = $7::double precision, completed_at = $8::timestamptz
+    FROM move m
+    WHERE e.export_id = m.export_id
+      AND (SELECT count(*) FROM rollup) >= 0 AND (SELECT count(*) FROM render_time) >= 0
+    RETURNING e.*, m.status AS previous_status
 )
-SELECT * FROM closed;
+SELECT true AS changed, closed.* FROM closed
+UNION ALL
+SELECT false, old.*, old.status FROM old WHERE NOT EXISTS (SELECT FROM closed);
 
 -- name: extend_lease
 UPDATE exports SET lease_expires_at = $2 WHERE export_id = $1 AND status = 'RESERVED' RETURNING *;
