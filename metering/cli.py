@@ -1,6 +1,7 @@
 """Operators' command line for a running metering service (at METERING_TARGET, default 127.0.0.1:50051).
 
-    python -m metering.cli stats [--user U] [--project P] [--days N]
+    python -m metering.cli stats [--user U] [--project P] [--days N]     (--days 2: yesterday by format)
+    python -m metering.cli near-limit [--user U] [--project P]         (who is near the daily limit today)
     python -m metering.cli usage U
     python -m metering.cli history U [--project P] [--limit N]
     python -m metering.cli set-tier U TIER
@@ -85,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--days", type=int, default=30, help="window in days ending today (30)")
     stats.set_defaults(run=_stats)
 
+    near_limit = commands.add_parser(
+        "near-limit", parents=[common], help="users near their daily limit today, most used first"
+    )
+    near_limit.add_argument("--user", default="", help="only this user")
+    near_limit.add_argument("--project", default="", help="only users who exported in this project today")
+    near_limit.set_defaults(run=_near_limit)
+
     usage = commands.add_parser("usage", parents=[common], help="a user's quota today")
     usage.add_argument("user")
     usage.set_defaults(run=_usage)
@@ -158,6 +166,14 @@ def _stats(stub: metering_pb2_grpc.MeteringStub, args: argparse.Namespace, out: 
     print(file=out)
     print("Daily exports", file=out)
     print(bar_chart([(day.date, day.exports) for day in answer.daily]), file=out)
+    if answer.by_format:
+        print(file=out)
+        print("Daily exports by format", file=out)
+        print(_daily_formats_table(answer), file=out)
+    if answer.near_limit:
+        print(file=out)
+        print("Near their daily limit today", file=out)
+        print(_near_limit_table(answer.near_limit), file=out)
     if answer.users:
         print(file=out)
         print("Busiest users", file=out)
@@ -185,6 +201,53 @@ def _stats(stub: metering_pb2_grpc.MeteringStub, args: argparse.Namespace, out: 
             ),
             file=out,
         )
+    return 0
+
+
+def _daily_formats_table(answer: pb.GetStatsResponse) -> str:
+    """One row a day, oldest first, one column per format seen in the window; today and yesterday named."""
+    formats = sorted(answer.by_format)
+    names = {answer.window_end_date: "today"}
+    if len(answer.daily) > 1:
+        names[answer.daily[-2].date] = "yesterday"
+    rows = [
+        [day.date, names.get(day.date, ""), *(day.by_format.get(name, 0) for name in formats), day.exports]
+        for day in answer.daily
+    ]
+    return _table(["date", "", *formats, "total"], rows)
+
+
+def _near_limit_table(users: Sequence[pb.UserStats]) -> str:
+    return _table(
+        ["user", "tier", "used today", "limit", "left"],
+        [
+            [user.user_id, user.tier, user.used_today, user.daily_limit, max(0, user.daily_limit - user.used_today)]
+            for user in users
+        ],
+    )
+
+
+def _near_limit(stub: metering_pb2_grpc.MeteringStub, args: argparse.Namespace, out: TextIO) -> int:
+    answer = stub.GetStats(
+        pb.GetStatsRequest(user_id=args.user, project_id=args.project, days=1), timeout=CALL_TIMEOUT_SECONDS
+    )
+    if args.json:
+        _print_json([_as_dict(user) for user in answer.near_limit], out)
+        return 0
+    scope = ", ".join(
+        part for part in (f"user {args.user}" if args.user else "", f"project {args.project}" if args.project else "")
+        if part
+    ) or "system-wide"
+    if not answer.near_limit:
+        print(f"Nobody is near their daily limit today ({answer.window_end_date}, {scope}).", file=out)
+        return 0
+    count = len(answer.near_limit)
+    print(
+        f"Near their daily limit today ({answer.window_end_date}, {scope}): {count} user{'s' if count > 1 else ''}"
+        " with at most max(1, 20% of the limit) left",
+        file=out,
+    )
+    print(_near_limit_table(answer.near_limit), file=out)
     return 0
 
 

@@ -21,6 +21,7 @@ from metering.domain import (
     Stats,
     StatsRequest,
     Usage,
+    UserStats,
 )
 
 _STATUS_TO_PROTO = {
@@ -159,6 +160,7 @@ def stats_response(value: Stats) -> pb.GetStatsResponse:
                 cancelled=day.cancelled,
                 expired=day.expired,
                 avg_duration_seconds=day.avg_duration_seconds,
+                by_format=day.by_format,
             )
             for day in value.daily
         ],
@@ -167,18 +169,7 @@ def stats_response(value: Stats) -> pb.GetStatsResponse:
         failure_rate=value.failure_rate,
         p50_render_seconds=value.p50_render_seconds,
         p95_render_seconds=value.p95_render_seconds,
-        users=[
-            pb.UserStats(
-                user_id=user.user_id,
-                total_exports=user.total_exports,
-                last_export_at=timestamp(user.last_export_at),
-                favorite_format=user.favorite_format,
-                tier=user.tier,
-                used_today=user.used_today,
-                daily_limit=user.daily_limit,
-            )
-            for user in value.users
-        ],
+        users=[user_stats(user) for user in value.users],
         projects=[
             pb.ProjectStats(
                 project_id=project.project_id,
@@ -190,6 +181,19 @@ def stats_response(value: Stats) -> pb.GetStatsResponse:
         ],
         window_start_date=value.window_start.isoformat(),
         window_end_date=value.window_end.isoformat(),
+        near_limit=[user_stats(user) for user in value.near_limit],
+    )
+
+
+def user_stats(value: UserStats) -> pb.UserStats:
+    return pb.UserStats(
+        user_id=value.user_id,
+        total_exports=value.total_exports,
+        last_export_at=timestamp(value.last_export_at),
+        favorite_format=value.favorite_format,
+        tier=value.tier,
+        used_today=value.used_today,
+        daily_limit=value.daily_limit,
     )
 
 

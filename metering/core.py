@@ -376,6 +376,13 @@ class MeteringCore:
         async with self._db.connection() as connection:
             return int(await connection.fetchval(QUERIES["in_flight_total"]))
 
+    async def count_near_limit(self) -> dict[str, int]:
+        """Users near their daily limit today, system-wide, by tier (every configured tier, 0 for none)."""
+        async with self._db.connection() as connection:
+            today = self._policy.day_of(self._policy.now())
+            near = await stats.load_near_limit(connection, today=today, tiers=self._tiers, top=0)
+        return dict(near.by_tier)
+
     # --- accounts -----------------------------------------------------------------------------------
 
     async def set_account_tier(self, user_id: str, tier: str) -> Account:

@@ -166,6 +166,7 @@ class DailyStats:
     cancelled: int = 0
     expired: int = 0
     avg_duration_seconds: float = 0.0
+    by_format: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +210,8 @@ class Stats:
     p95_render_seconds: float = 0.0
     users: tuple[UserStats, ...] = ()
     projects: tuple[ProjectStats, ...] = ()
+    # Users near their daily limit today, most used first (see stats.near_limit_from).
+    near_limit: tuple[UserStats, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

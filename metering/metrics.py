@@ -23,7 +23,7 @@ services; `tests/test_metrics.py` runs the same checks against both.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -65,6 +65,13 @@ RESERVATIONS_EXPIRED = Counter(
     "Reservations the reaper expired because their lease ran out without a heartbeat.",
     registry=REGISTRY,
 )
+USERS_NEAR_LIMIT = Gauge(
+    "metering_users_near_limit",
+    "Users with at most max(1, 20% of their tier's daily limit) exports left today, by tier (ledger-wide).",
+    ("tier",),
+    registry=REGISTRY,
+)
+_near_limit_tiers: set[str] = set()  # the tier series of USERS_NEAR_LIMIT created so far
 DATABASE_UP = Gauge(
     "metering_database_up",
     "1 while the last database check succeeded, else 0.",
@@ -92,10 +99,13 @@ def _checked(name: str, value: object, allowed: tuple[str, ...]) -> str:
 
 
 def initialize_tiers(tiers: Iterable[str]) -> None:
-    """Create every tier x reason denial series at 0, so alerts on rate() see the very first denial."""
+    """Create every tier x reason denial series at 0, so alerts on rate() see the very first denial, and a
+    users-near-limit series per tier (0 until the health probe counts)."""
     for tier in tiers:
         for reason in DENIAL_REASONS:
             DENIALS.labels(_label(tier), reason)
+        USERS_NEAR_LIMIT.labels(_label(tier))
+        _near_limit_tiers.add(_label(tier))
 
 
 def record_denial(tier: str, reason: str) -> None:
@@ -121,6 +131,17 @@ def record_reservations_expired(count: int) -> None:
 
 def set_reservations_in_flight(count: int) -> None:
     RESERVATIONS_IN_FLIGHT.set(count)
+
+
+def set_users_near_limit(counts: Mapping[str, int]) -> None:
+    """Users near their daily limit today, by tier (ledger-wide, like the in-flight gauge). A tier reported
+    before and missing from `counts` drops back to 0."""
+    if any(count < 0 for count in counts.values()):
+        raise ValueError(f"counts must not be negative, not {dict(counts)}")
+    wanted = dict.fromkeys(_near_limit_tiers, 0) | {_label(tier): count for tier, count in counts.items()}
+    for tier, count in wanted.items():
+        USERS_NEAR_LIMIT.labels(tier).set(count)
+        _near_limit_tiers.add(tier)
 
 
 def set_database_up(up: bool) -> None:

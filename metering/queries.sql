@@ -305,3 +305,49 @@ SELECT a.tier, coalesce(d.used, 0) AS used_today
 FROM (SELECT $1::text AS user_id) u
 LEFT JOIN accounts a ON a.user_id = u.user_id
 LEFT JOIN daily_usage d ON d.user_id = u.user_id AND d.day = $2;
+
+-- --- Operators' questions: a day's exports by format, and who is near the daily limit ---------------------
+
+-- name: stats_daily_by_format
+-- Exports per day and format of the window, for DailyStats.by_format. $1..$4 as stats_rollup.
+SELECT day, format, sum(exports)::bigint AS exports
+FROM export_rollups
+WHERE day BETWEEN $1 AND $2
+  AND ($3::text IS NULL OR user_id = $3)
+  AND ($4::text IS NULL OR project_id = $4)
+GROUP BY day, format;
+
+-- name: near_limit_users
+-- Users near their daily limit on day $1: today's users come from the rollup (its primary key starts with
+-- the day, and every export adds to its user's daily_usage row and its rollup row of the same day), their
+-- count from daily_usage, their tier from accounts. $2 user or NULL; $3 project or NULL (users who exported
+-- in it that day). The tier table comes as parallel arrays: $4 names, $5 daily limits (NULL: none), $6 the
+-- count from which a user of that tier is near the limit; $7 the tier of a user without an account or on a
+-- tier no longer configured; $8 how many users to list.
+-- Rows: the $8 most used users (tier_count NULL), then one row per tier with its number of such users
+-- (user_id NULL).
+WITH tiers AS (
+    SELECT * FROM unnest($4::text[], $5::bigint[], $6::bigint[]) AS t(tier, daily_limit, near_from)
+), active AS (
+    SELECT DISTINCT user_id
+    FROM export_rollups
+    WHERE day = $1
+      AND ($2::text IS NULL OR user_id = $2)
+      AND ($3::text IS NULL OR project_id = $3)
+), counted AS MATERIALIZED (
+    -- Scalar subqueries, evaluated once per user of the day (MATERIALIZED): two primary-key lookups each,
+    -- whatever the planner guesses (daily_usage has no index on the day alone, and accounts may be large).
+    SELECT u.user_id,
+           (SELECT d.used FROM daily_usage d WHERE d.user_id = u.user_id AND d.day = $1) AS used,
+           (SELECT a.tier FROM accounts a WHERE a.user_id = u.user_id) AS account_tier
+    FROM active u
+), near AS (
+    SELECT c.user_id, t.tier, c.used, t.daily_limit
+    FROM counted c
+    LEFT JOIN tiers known ON known.tier = c.account_tier
+    JOIN tiers t ON t.tier = coalesce(known.tier, $7)
+    WHERE t.daily_limit IS NOT NULL AND c.used > 0 AND c.used >= t.near_from
+)
+(SELECT user_id, tier, used, daily_limit, NULL::bigint AS tier_count FROM near ORDER BY used DESC, user_id LIMIT $8)
+UNION ALL
+(SELECT NULL, tier, NULL, NULL, count(*) FROM near GROUP BY tier);

@@ -152,6 +152,16 @@ class MeteringServer:
             self._serving = serving
             for service in ("", METERING_SERVICE):
                 await self._health.set(service, _SERVING if serving else _NOT_SERVING)
+        if serving:
+            await self._count_near_limit()
+
+    async def _count_near_limit(self) -> None:
+        # Apart from the health check: a count that fails or is slow must not turn the service NOT_SERVING.
+        assert self.core is not None
+        try:
+            metrics.set_users_near_limit(await self.core.count_near_limit())
+        except Exception as error:
+            log.warning("could not count the users near their daily limit", extra={"error": repr(error)})
 
     async def _probe_forever(self) -> None:
         while True:

@@ -2,12 +2,16 @@
 
 Percentiles come from a log-bucket histogram of render times: each bucket is 2% wide and reports its
 geometric middle, so p50/p95 are within 1% of the nearest-rank value.
+
+"Near the daily limit" (`near_limit`, and the `metering_users_near_limit` gauge) means at most
+max(1, 20% of the tier's daily limit) exports left today, or none; tiers without a daily limit never are.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date, timedelta
 
 import asyncpg
@@ -19,6 +23,7 @@ from metering.tiers import TierTable
 HISTOGRAM_BASE_SECONDS = 0.001
 HISTOGRAM_GROWTH = 1.02
 TOP_N = 10
+NEAR_LIMIT_TOP = 100  # users listed in near_limit; the per-tier counts cover everyone
 
 
 def render_time_bucket(seconds: float) -> int:
@@ -44,6 +49,46 @@ def percentile(histogram: Sequence[tuple[int, int]], quantile: float) -> float:
     return bucket_value(histogram[-1][0])
 
 
+def near_limit_from(daily_limit: int) -> int:
+    """The day's count from which a user is near `daily_limit`: at most max(1, 20% of it) exports left."""
+    return daily_limit - max(1, daily_limit // 5)
+
+
+@dataclass(frozen=True, slots=True)
+class NearLimit:
+    users: tuple[UserStats, ...]  # most used first, at most the `top` asked for
+    by_tier: Mapping[str, int]  # every configured tier, 0 when nobody on it is near its limit
+
+
+async def load_near_limit(
+    connection: asyncpg.Connection,
+    *,
+    today: date,
+    tiers: TierTable,
+    user_id: str | None = None,
+    project_id: str | None = None,
+    top: int = NEAR_LIMIT_TOP,
+) -> NearLimit:
+    """Who is near their daily limit on `today`, in one query over today's rollup and usage rows."""
+    names = list(tiers)
+    limits = [tiers[name].daily_limit for name in names]
+    near_from = [None if limit is None else near_limit_from(limit) for limit in limits]
+    rows = await connection.fetch(
+        QUERIES["near_limit_users"], today, user_id, project_id, names, limits, near_from, tiers.default.name, top
+    )
+    users = sorted(
+        (
+            UserStats(row["user_id"], 0, None, "", row["tier"], row["used"], row["daily_limit"])
+            for row in rows
+            if row["tier_count"] is None
+        ),
+        key=lambda user: (-user.used_today, user.user_id),
+    )
+    by_tier = dict.fromkeys(names, 0)
+    by_tier.update((row["tier"], row["tier_count"]) for row in rows if row["tier_count"] is not None)
+    return NearLimit(tuple(users), by_tier)
+
+
 def window(end: date, days: int) -> list[date]:
     return [end - timedelta(days=offset) for offset in range(days - 1, -1, -1)]
 
@@ -66,6 +111,12 @@ async def load_stats(
     ]
     user_rows = await connection.fetch(QUERIES["stats_top_users"], *scope, TOP_N, today)
     project_rows = await connection.fetch(QUERIES["stats_top_projects"], *scope, TOP_N)
+    day_formats: dict[date, dict[str, int]] = {}
+    for row in await connection.fetch(QUERIES["stats_daily_by_format"], *scope):
+        day_formats.setdefault(row["day"], {})[row["format"]] = row["exports"]
+    near = await load_near_limit(
+        connection, today=today, tiers=tiers, user_id=request.user_id, project_id=request.project_id
+    )
 
     users = [_user_stats(row, tiers) for row in user_rows]
     if request.user_id is not None and not users:
@@ -78,7 +129,7 @@ async def load_stats(
         ProjectStats(row["project_id"], row["user_id"], row["exports"], row["last_export_at"])
         for row in project_rows
     ]
-    return _assemble(rollup, histogram, days, users, projects)
+    return _assemble(rollup, histogram, days, users, projects, day_formats, near.users)
 
 
 def _user_stats(row: asyncpg.Record, tiers: TierTable) -> UserStats:
@@ -100,6 +151,8 @@ def _assemble(
     days: list[date],
     users: list[UserStats],
     projects: list[ProjectStats],
+    day_formats: dict[date, dict[str, int]],
+    near_limit: tuple[UserStats, ...],
 ) -> Stats:
     totals = None
     daily: dict[date, DailyStats] = {}
@@ -115,6 +168,7 @@ def _assemble(
                 cancelled=row["cancelled"],
                 expired=row["expired"],
                 avg_duration_seconds=_mean(row["completed_duration_seconds"], row["completed"]),
+                by_format=day_formats.get(row["day"], {}),
             )
         elif row["by_format"]:
             by_format[row["format"]] = row["exports"]
@@ -124,7 +178,9 @@ def _assemble(
             totals = row
     stats_daily = tuple(daily.get(day, DailyStats(date=day)) for day in days)
     if totals is None or not totals["exports"]:
-        return Stats(window_start=days[0], window_end=days[-1], daily=stats_daily, users=tuple(users))
+        return Stats(
+            window_start=days[0], window_end=days[-1], daily=stats_daily, users=tuple(users), near_limit=near_limit
+        )
     completed, failed = totals["completed"], totals["failed"]
     return Stats(
         window_start=days[0],
@@ -147,6 +203,7 @@ def _assemble(
         p95_render_seconds=percentile(histogram, 0.95),
         users=tuple(users),
         projects=tuple(projects),
+        near_limit=near_limit,
     )
 
 

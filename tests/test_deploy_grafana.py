@@ -179,10 +179,16 @@ def test_the_dashboard_covers_what_operators_asked_for() -> None:
         "lambda invocations",
         "exports yesterday by format",
         "daily limit",
+        "users near their daily limit",
     ):
         assert wanted in titles, f"no panel about {wanted!r}"
     yesterday = next(panel for panel in panels() if "yesterday" in panel["title"].lower())
     assert (yesterday["timeFrom"], yesterday["timeShift"]) == ("now/d", "1d/d")  # the whole previous day
+    # Every export of the day once, whatever its outcome: the count GetStats and the CLI give.
+    (expr,) = [target["expr"] for target in yesterday["targets"]]
+    assert 'status="reserved"' in expr and "by (format)" in expr
+    near = next(panel for panel in panels() if "users near" in panel["title"].lower())
+    assert [target["expr"] for target in near["targets"]] == ["max by (tier) (metering_users_near_limit)"]
 
 
 def test_provisioning_points_at_the_dashboard_directory() -> None:
