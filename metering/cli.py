@@ -5,28 +5,35 @@
     python -m metering.cli usage U
     python -m metering.cli history U [--project P] [--limit N]
     python -m metering.cli set-tier U TIER
+    python -m metering.cli archive [--older-than-days N]
     python -m metering.cli --json ...      (any command: the answer as JSON)
 
 Credentials: METERING_TOKEN (or --token) is sent as `authorization: Bearer <token>`; METERING_TLS_CA_FILE
 switches to TLS, METERING_TLS_CLIENT_CERT_FILE / METERING_TLS_CLIENT_KEY_FILE add a client certificate.
+
+`archive` is maintenance, like a migration: it connects to the database itself (DATABASE_URL, else the
+embedded PostgreSQL under .data that `python -m metering` uses), not to a metering server.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
 from collections.abc import Sequence
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from typing import TextIO
 
+import asyncpg
 import grpc
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from exportapi.metering.v1 import metering_pb2 as pb
 from exportapi.metering.v1 import metering_pb2_grpc
+from metering import errors
 from metering.auth import AuthConfigError, ClientTls, sync_channel
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -39,6 +46,8 @@ _MODE_NAMES = {pb.RENDER_MODE_LOCAL: "local", pb.RENDER_MODE_LAMBDA: "lambda"}
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     args = _parser().parse_args(argv)
+    if args.command == "archive":
+        return _archive(args, out)
     target = args.target or os.environ.get("METERING_TARGET") or DEFAULT_TARGET
     token = args.token or os.environ.get("METERING_TOKEN") or ""
     try:
@@ -107,6 +116,21 @@ def _parser() -> argparse.ArgumentParser:
     set_tier.add_argument("user")
     set_tier.add_argument("tier")
     set_tier.set_defaults(run=_set_tier)
+
+    json_only = argparse.ArgumentParser(add_help=False)
+    json_only.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    archive = commands.add_parser(
+        "archive",
+        parents=[json_only],
+        help="move old closed exports to the archive now (connects to DATABASE_URL, not to metering)",
+    )
+    archive.add_argument(
+        "--older-than-days",
+        type=int,
+        default=None,
+        help="archive exports created and closed more than N days ago (METERING_RETENTION_DAYS, 90)",
+    )
+    archive.add_argument("--batch-size", type=int, default=None, help="exports moved per statement (1000)")
     return parser
 
 
@@ -325,6 +349,78 @@ def _set_tier(stub: metering_pb2_grpc.MeteringStub, args: argparse.Namespace, ou
         return 0
     print(f"{account.user_id} is now on the {account.tier} tier.", file=out)
     return 0
+
+
+def _archive(args: argparse.Namespace, out: TextIO) -> int:
+    from metering import archive, config, db
+
+    try:
+        days = config.retention_days(os.environ) if args.older_than_days is None else args.older_than_days
+    except config.ConfigError as error:
+        print(f"metering: {error}", file=sys.stderr)
+        return 2
+    if days < 1:
+        if args.older_than_days is None:
+            print("metering: METERING_RETENTION_DAYS=0 means never; pass --older-than-days N", file=sys.stderr)
+        else:
+            print("metering: --older-than-days must be at least 1", file=sys.stderr)
+        return 2
+    batch_size = args.batch_size if args.batch_size is not None else archive.DEFAULT_BATCH_SIZE
+    if batch_size < 1:
+        print("metering: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    database_url = os.environ.get("DATABASE_URL") or _embedded_database_url()
+    now = datetime.now(UTC)
+
+    async def run() -> archive.ArchiveReport:
+        pool = await db.create_pool(database_url, size=1, connect_timeout=10, command_timeout=300)
+        try:
+            return await archive.archive_closed(
+                db.Database(pool), cutoff=now - timedelta(days=days), archived_at=now, batch_size=batch_size
+            )
+        finally:
+            await pool.close()
+
+    try:
+        with db.unavailable_on_connection_errors():
+            report = asyncio.run(run())
+    except errors.Unavailable as error:
+        print(f"metering: cannot reach the database ({error.message})", file=sys.stderr)
+        return 3
+    except (asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.UndefinedFunctionError):
+        print(
+            "metering: this database has no export archive yet; start a metering server of this version once "
+            "(it applies the migrations)",
+            file=sys.stderr,
+        )
+        return 1
+    except asyncpg.PostgresError as error:
+        print(f"metering: archiving stopped: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(
+            {"cutoff": report.cutoff.isoformat(), "moved": report.moved, "by_partition": report.by_partition}, out
+        )
+        return 0
+    cutoff = report.cutoff.strftime("%Y-%m-%d %H:%M:%S UTC")
+    if not report.moved:
+        print(f"Nothing to archive: no closed export was created and closed before {cutoff}.", file=out)
+        return 0
+    print(f"Archived {report.moved} exports created and closed before {cutoff} ({days} days ago):", file=out)
+    print(_table(["partition", "exports"], [[name, count] for name, count in report.by_partition.items()]), file=out)
+    return 0
+
+
+def _embedded_database_url() -> str:
+    """The embedded PostgreSQL of `python -m metering` (joined when running, started when not)."""
+    from pathlib import Path
+
+    from metering.__main__ import EMBEDDED_DATABASE
+    from metering.config import REPO_ROOT
+    from metering.embedded_pg import start_embedded_postgres, with_database
+
+    data_dir = Path(os.environ.get("METERING_DATA_DIR") or REPO_ROOT / ".data")
+    return with_database(start_embedded_postgres(data_dir), EMBEDDED_DATABASE)
 
 
 # --- formatting ---------------------------------------------------------------------------------------

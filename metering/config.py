@@ -15,6 +15,8 @@ from metering.tiers import TierConfigError, TierTable
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_LEASE_SECONDS = 120.0
+DEFAULT_RETENTION_DAYS = 90
+DEFAULT_ARCHIVE_INTERVAL_SECONDS = 3600.0
 
 
 class ConfigError(ValueError):
@@ -41,6 +43,8 @@ class Config:
     metrics_listen: str | None = None  # host:port of /metrics; None: not served
     auth: TokenTable | None = None  # None: no authentication, loopback only
     tls: ServerTls | None = None  # None: plaintext
+    retention_days: int = DEFAULT_RETENTION_DAYS  # closed exports older than this move to the archive; 0: never
+    archive_interval_seconds: float = DEFAULT_ARCHIVE_INTERVAL_SECONDS  # how often each replica archives
 
     @property
     def listen_address(self) -> str:
@@ -101,7 +105,26 @@ class Config:
             metrics_listen=_metrics_listen(env),
             auth=auth,
             tls=tls,
+            retention_days=retention_days(env),
+            archive_interval_seconds=_seconds(
+                env, "METERING_ARCHIVE_INTERVAL_SECONDS", DEFAULT_ARCHIVE_INTERVAL_SECONDS
+            ),
         )
+
+
+def retention_days(env: Mapping[str, str]) -> int:
+    """METERING_RETENTION_DAYS: closed exports older than this many days move to the archive; 0 never."""
+    raw = (env.get("METERING_RETENTION_DAYS") or "").strip()
+    if not raw:
+        return DEFAULT_RETENTION_DAYS
+    invalid = ConfigError(f"METERING_RETENTION_DAYS={raw!r}: expected a whole number of days >= 0 (0: never archive)")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise invalid from None
+    if value < 0:
+        raise invalid
+    return value
 
 
 def _auth_tokens(env: Mapping[str, str]) -> TokenTable | None:

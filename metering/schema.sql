@@ -17,7 +17,8 @@ CREATE TABLE projects (
     created_at      timestamptz NOT NULL
 );
 
--- The ledger: one row per reservation, never deleted.
+-- The ledger: one row per reservation. Closed exports older than the retention window move to
+-- exports_archive (metering/archive.py); nothing else deletes a row.
 CREATE TABLE exports (
     export_id                   uuid PRIMARY KEY,
     user_id                     text NOT NULL,
@@ -47,6 +48,8 @@ CREATE INDEX exports_user_history ON exports (user_id, created_at DESC, export_i
 CREATE INDEX exports_user_project_history ON exports (user_id, project_id, created_at DESC, export_id DESC);
 CREATE INDEX exports_reserved_by_lease ON exports (lease_expires_at) WHERE status = 'RESERVED';
 CREATE INDEX exports_reserved_by_user ON exports (user_id) WHERE status = 'RESERVED';
+-- The archiver's way to old closed exports (0002); RESERVED rows never enter it.
+CREATE INDEX exports_closed_by_created ON exports (created_at) WHERE status <> 'RESERVED';
 
 -- What a quota check reads and locks: RESERVED + COMPLETED exports of one user on one day.
 CREATE TABLE daily_usage (
@@ -97,3 +100,80 @@ CREATE TABLE render_time_histogram (
 
 CREATE INDEX render_time_histogram_user_day ON render_time_histogram (user_id, day);
 CREATE INDEX render_time_histogram_project_day ON render_time_histogram (project_id, day);
+
+-- Closed exports past the retention window, moved here from `exports` by the archiver, one partition per
+-- calendar month (UTC) of created_at, created on demand by exports_archive_partition(). No unique
+-- idempotency key: a unique index of a partitioned table must include the partition key, and a key this old
+-- is past any retry (a replay of it is a new request).
+CREATE TABLE exports_archive (
+    export_id                   uuid NOT NULL,
+    user_id                     text NOT NULL,
+    project_id                  text NOT NULL,
+    idempotency_key             text NOT NULL,
+    request_fingerprint         text NOT NULL,
+    status                      text NOT NULL
+        CHECK (status IN ('COMPLETED', 'FAILED', 'CANCELLED', 'EXPIRED')),  -- never RESERVED
+    render_mode                 text NOT NULL,
+    format                      text NOT NULL,
+    resolution                  text NOT NULL,
+    requested_duration_seconds  double precision NOT NULL,
+    duration_seconds            double precision,
+    file_size_bytes             bigint,
+    output_uri                  text,
+    render_seconds              double precision,
+    error                       text,
+    usage_day                   date NOT NULL,
+    created_at                  timestamptz NOT NULL,
+    completed_at                timestamptz,
+    lease_expires_at            timestamptz NOT NULL,
+    expired_at                  timestamptz,
+    archived_at                 timestamptz NOT NULL,
+    -- created_at never changes, so one export always lands in the same partition: this is unique per export.
+    CONSTRAINT exports_archive_pkey PRIMARY KEY (export_id, created_at)
+) PARTITION BY RANGE (created_at);
+
+CREATE INDEX exports_archive_user_history ON exports_archive (user_id, created_at DESC, export_id DESC);
+CREATE INDEX exports_archive_user_project_history
+    ON exports_archive (user_id, project_id, created_at DESC, export_id DESC);
+
+-- The partition of the month holding `moment` (UTC), created when missing; returns it. Archivers on several
+-- replicas may ask at once: an advisory lock makes them take turns. The partition is created as a plain
+-- table and then attached, which locks the parent only against other DDL (SHARE UPDATE EXCLUSIVE), never
+-- against history reads or the archiver's inserts, as CREATE TABLE ... PARTITION OF would.
+CREATE FUNCTION exports_archive_partition(moment timestamptz) RETURNS regclass
+LANGUAGE plpgsql
+SET lock_timeout = '5s'
+AS $$
+DECLARE
+    first_day date := date_trunc('month', moment AT TIME ZONE 'UTC')::date;
+    partition_name text := 'exports_archive_' || to_char(first_day, 'YYYY_MM');
+    lower_bound timestamptz := first_day::timestamp AT TIME ZONE 'UTC';
+    upper_bound timestamptz := (first_day + interval '1 month')::timestamp AT TIME ZONE 'UTC';
+    parent_schema name := (SELECT relnamespace::regnamespace::name FROM pg_class WHERE oid = 'exports_archive'::regclass);
+    existing oid;
+BEGIN
+    PERFORM pg_advisory_xact_lock(7021784069121140001);  -- the bytes "archive!"; no other lock uses it
+    SELECT c.oid INTO existing
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relname = partition_name AND n.nspname = parent_schema;
+    IF existing IS NOT NULL THEN
+        IF NOT EXISTS (
+            SELECT FROM pg_inherits WHERE inhrelid = existing AND inhparent = 'exports_archive'::regclass
+        ) THEN
+            RAISE EXCEPTION 'table %.% exists but is not a partition of exports_archive', parent_schema, partition_name
+                USING HINT = 'A month detached for cold storage must be dropped or renamed before exports of '
+                             'that month can be archived again.';
+        END IF;
+        RETURN existing::regclass;
+    END IF;
+    EXECUTE format(
+        'CREATE TABLE %I.%I (LIKE exports_archive INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+        parent_schema, partition_name
+    );
+    EXECUTE format(
+        'ALTER TABLE exports_archive ATTACH PARTITION %I.%I FOR VALUES FROM (%L) TO (%L)',
+        parent_schema, partition_name, lower_bound, upper_bound
+    );
+    RETURN format('%I.%I', parent_schema, partition_name)::regclass;
+END;
+$$;

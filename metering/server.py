@@ -1,5 +1,5 @@
-"""The metering gRPC server: Metering + grpc.health.v1.Health + reflection, a lease reaper and a health
-probe, graceful drain on SIGTERM.
+"""The metering gRPC server: Metering + grpc.health.v1.Health + reflection, a lease reaper, an archiver
+(retention) and a health probe, graceful drain on SIGTERM.
 """
 
 from __future__ import annotations
@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
 from collections.abc import Callable
+from datetime import timedelta
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -85,6 +87,8 @@ class MeteringServer:
             asyncio.create_task(self._probe_forever(), name="metering-health-probe"),
             asyncio.create_task(self._reap_forever(), name="metering-reaper"),
         ]
+        if config.retention_days > 0:
+            self._tasks.append(asyncio.create_task(self._archive_forever(), name="metering-archiver"))
         log.info(
             "serving",
             extra={
@@ -186,6 +190,25 @@ class MeteringServer:
                 log.info("reservations expired", extra={"count": reaped})
             if reaped < batch:
                 await asyncio.sleep(self.config.reaper_interval_seconds)
+
+    async def _archive_forever(self) -> None:
+        """Moves old closed exports to the archive every archive interval. Replicas started together begin at
+        random points of the first interval; running at the same moment would be safe, only wasteful."""
+        assert self.core is not None
+        interval = self.config.archive_interval_seconds
+        older_than = timedelta(days=self.config.retention_days)
+        await asyncio.sleep(random.uniform(0, interval))
+        while True:
+            try:
+                report = await self.core.archive_closed(older_than)
+                if report.moved:
+                    extra = {"count": report.moved, "cutoff": report.cutoff.isoformat()}
+                    log.info("archive run", extra={**extra, "partitions": report.by_partition})
+            except errors.Unavailable:
+                pass  # the health probe reports it; try again next round
+            except Exception:
+                log.exception("archiver failed")
+            await asyncio.sleep(interval)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight calls finish for up to `grace` seconds, then closes."""

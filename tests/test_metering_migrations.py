@@ -31,7 +31,8 @@ async def empty_database(pg_dsn: str) -> AsyncIterator[str]:
 
 
 async def schema_snapshot(connection: asyncpg.Connection) -> dict[str, list[tuple]]:
-    """Tables, columns, constraints and indexes of the public schema, migration bookkeeping left out."""
+    """Tables, columns, constraints, indexes and functions of the public schema, migration bookkeeping left
+    out."""
     skip = "schema_migrations"
     columns = await connection.fetch(
         """SELECT table_name, column_name, data_type, is_nullable, column_default
@@ -50,10 +51,15 @@ async def schema_snapshot(connection: asyncpg.Connection) -> dict[str, list[tupl
            WHERE schemaname = 'public' AND tablename <> $1 ORDER BY 1, 2""",
         skip,
     )
+    functions = await connection.fetch(
+        """SELECT proname, pg_get_functiondef(oid) FROM pg_proc
+           WHERE pronamespace = 'public'::regnamespace ORDER BY 1"""
+    )
     return {
         "columns": [tuple(row) for row in columns],
         "constraints": [tuple(row) for row in constraints],
         "indexes": [tuple(row) for row in indexes],
+        "functions": [tuple(row) for row in functions],
     }
 
 
