@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Protocol
 
 import asyncpg
 
-from metering import archive, errors, pagination, stats, validation
+from metering import errors, pagination, stats, validation
+from metering.batching import Batcher
 from metering.db import Database
 from metering.domain import (
     Account,
@@ -71,19 +73,24 @@ class MeteringCore:
         lease_seconds: float,
         policy: QuotaPolicy | None = None,
         events: MeteringEvents | None = None,
+        reserve_batch_size: int = 64,
     ) -> None:
         self._db = database
         self._tiers = tiers
         self._lease = timedelta(seconds=lease_seconds)
         self._policy = policy or QuotaPolicy()
         self._events = events or _NoEvents()
+        # Calls that arrive while others are being recorded are recorded together (metering/batching.py).
+        self._reservations: Batcher[NewExport, ReserveResult] = Batcher(
+            self._reserve_batch, key=lambda new: (new.user_id, new.idempotency_key), max_batch=reserve_batch_size
+        )
 
     # --- reservations -------------------------------------------------------------------------------
 
     async def check_and_reserve(self, request: ReserveRequest) -> ReserveResult:
         new = validation.new_export(request)
         try:
-            result = await self._db.autocommit(lambda connection: self._reserve(connection, new))
+            result = await self._reservations.submit(new)
         except errors.QuotaExceeded as denial:
             self._events.denied(denial.tier, "project_daily_limit" if denial.scope == "project" else "daily_limit")
             raise
@@ -154,6 +161,125 @@ class MeteringCore:
             [tier.project_daily_limit for tier in tiers],
             self._tiers.default.name,
         )
+
+    async def _reserve_batch(self, batch: Sequence[NewExport]) -> list[ReserveResult | Exception]:
+        """Records a batch of reservations (distinct user and key pairs); one outcome per reservation."""
+        if len(batch) == 1:  # alone: one statement beats a batch's four
+            try:
+                return [await self._db.autocommit(lambda connection: self._reserve(connection, batch[0]))]
+            except errors.MeteringError as error:
+                return [error]
+        for _ in range(3):
+            now = self._policy.now()
+            try:
+                outcomes = await self._db.transaction(
+                    lambda connection, now=now: self._reserve_many(connection, batch, now)
+                )
+                break
+            except _KeyTakenMeanwhile:
+                continue  # once more: the key is seen as taken now, and the batch's counts must not include it
+        else:
+            raise RuntimeError("a reservation batch kept meeting keys taken meanwhile")
+        for index, outcome in enumerate(outcomes):
+            if outcome is _REPLAY:  # answered after the batch's commit, as a single replay is
+                new = batch[index]
+                try:
+                    outcomes[index] = await self._db.autocommit(
+                        lambda connection, new=new: self._replay_of(connection, new, now)
+                    )
+                except errors.MeteringError as error:
+                    outcomes[index] = error
+        return outcomes  # type: ignore[return-value]
+
+    async def _reserve_many(
+        self, connection: asyncpg.Connection, batch: Sequence[NewExport], now: datetime
+    ) -> list[ReserveResult | Exception | object]:
+        # Lock the users' day rows (in user order), then the projects' (in project order); decide each
+        # reservation in arrival order with QuotaPolicy on the counts so far; record the admitted ones at once.
+        day = self._policy.day_of(now)
+        users = sorted({new.user_id for new in batch})
+        locked = await connection.fetch(QUERIES["lock_daily_usage_many"], users, day)
+        used = {row["user_id"]: row["used"] for row in locked}
+        project_used: dict[str, int] = {}
+        account_tiers: dict[str, str] = {}
+        taken: set[tuple[str, str]] = set()
+        for row in await connection.fetch(
+            QUERIES["reserve_many_context"],
+            sorted({new.project_id for new in batch}),
+            day,
+            users,
+            [new.user_id for new in batch],
+            [new.idempotency_key for new in batch],
+        ):
+            if row["kind"] == "project":
+                project_used[row["id"]] = row["used"]
+            elif row["kind"] == "tier":
+                account_tiers[row["id"]] = row["tier"]
+            else:
+                taken.add((row["id"], row["idempotency_key"]))
+        outcomes: list[ReserveResult | Exception | object] = []
+        admitted: list[tuple[int, uuid.UUID, int, Tier]] = []
+        for index, new in enumerate(batch):
+            if (new.user_id, new.idempotency_key) in taken:
+                outcomes.append(_REPLAY)
+                continue
+            tier = self._tiers.resolve(account_tiers.get(new.user_id))
+            try:
+                self._policy.check(
+                    tier,
+                    user_id=new.user_id,
+                    project_id=new.project_id,
+                    duration_seconds=new.duration_seconds,
+                    used_today=used[new.user_id],
+                    project_used_today=project_used[new.project_id],
+                    moment=now,
+                )
+            except errors.MeteringError as refusal:
+                outcomes.append(refusal)
+                continue
+            used[new.user_id] += 1
+            project_used[new.project_id] += 1
+            admitted.append((index, uuid.uuid4(), used[new.user_id], tier))
+            outcomes.append(None)
+        if not admitted:
+            return outcomes
+        chosen = [batch[index] for index, *_ in admitted]
+        rows = await connection.fetch(
+            QUERIES["reserve_many"],
+            [export_id for _, export_id, *_ in admitted],
+            [new.user_id for new in chosen],
+            [new.project_id for new in chosen],
+            [new.idempotency_key for new in chosen],
+            [new.fingerprint() for new in chosen],
+            [new.render_mode.value for new in chosen],
+            [new.format.value for new in chosen],
+            [new.resolution for new in chosen],
+            [new.duration_seconds for new in chosen],
+            day,
+            now,
+            now + self._lease,
+        )
+        if len(rows) != len(admitted):
+            raise _KeyTakenMeanwhile  # rolls the batch back; see _reserve_batch
+        by_id = {row["export_id"]: row for row in rows}
+        in_flight: dict[str, int] = {}
+        for index, export_id, used_now, tier in admitted:
+            row = by_id[export_id]
+            user_id = row["user_id"]
+            in_flight[user_id] = in_flight.get(user_id, row["in_flight_before"]) + 1
+            export = export_from_row(row)
+            log.info(
+                "export reserved",
+                extra={"export_id": export.export_id, "user_id": user_id, "used": used_now, "tier": tier.name},
+            )
+            outcomes[index] = ReserveResult(
+                export=export, usage=self._usage_of(user_id, tier, used_now, in_flight[user_id], now), replayed=False
+            )
+        return outcomes
+
+    async def _replay_of(self, connection: asyncpg.Connection, new: NewExport, now: datetime) -> ReserveResult:
+        row = await connection.fetchrow(QUERIES["export_by_idempotency_key"], new.user_id, new.idempotency_key)
+        return await self._replay(connection, row, new.fingerprint(), now)
 
     async def _replay(
         self, connection: asyncpg.Connection, row: asyncpg.Record, fingerprint: str, now: datetime
@@ -341,11 +467,11 @@ class MeteringCore:
         async with self._db.connection() as connection:
             if project_id is None:
                 rows = await connection.fetch(
-                    QUERIES["list_user_history"], user_id, cursor.created_at, cursor.export_id, page_size + 1
+                    QUERIES["list_user_exports"], user_id, cursor.created_at, cursor.export_id, page_size + 1
                 )
             else:
                 rows = await connection.fetch(
-                    QUERIES["list_project_history"],
+                    QUERIES["list_project_exports"],
                     user_id,
                     project_id,
                     cursor.created_at,
@@ -370,18 +496,6 @@ class MeteringCore:
             async with connection.transaction(readonly=True, isolation="repeatable_read"):
                 today = self._policy.day_of(self._policy.now())
                 return await stats.load_stats(connection, checked, today=today, tiers=self._tiers)
-
-    # --- retention ----------------------------------------------------------------------------------
-
-    async def archive_closed(
-        self, older_than: timedelta, *, batch_size: int = archive.DEFAULT_BATCH_SIZE
-    ) -> archive.ArchiveReport:
-        """Moves closed exports created and closed more than `older_than` ago to the archive (metering/archive.py);
-        safe on every replica at once."""
-        if older_than <= timedelta(0):
-            raise ValueError(f"older_than must be positive, not {older_than}")
-        now = self._policy.now()
-        return await archive.archive_closed(self._db, cutoff=now - older_than, archived_at=now, batch_size=batch_size)
 
     async def count_in_flight(self) -> int:
         """Reservations held right now, system-wide (a partial index keeps this cheap)."""
@@ -416,6 +530,14 @@ _ROLLUP_COLUMNS = (
     ExportStatus.CANCELLED,
     ExportStatus.EXPIRED,
 )
+
+
+class _KeyTakenMeanwhile(Exception):
+    """A batch's idempotency key was committed by a reservation counted on another day after the batch
+    looked: the batch is rolled back and recorded again."""
+
+
+_REPLAY = object()  # a batch's outcome for a reservation whose key is taken: answered as a replay
 
 
 def _count_deltas(old: ExportStatus, new: ExportStatus) -> tuple[int, list[int]]:

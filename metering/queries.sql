@@ -106,6 +106,84 @@ FROM (SELECT) AS one
 LEFT JOIN decision ON true
 LEFT JOIN inserted ON true;
 
+-- name: lock_daily_usage_many
+-- A batch of reservations (metering/batching.py) starts here: its users' rows of the day, created at 0 when
+-- missing and locked, in user order; every batch locks in that order, so batches never wait in a circle.
+-- $1 the batch's users (distinct), $2 day. Returns user_id, used.
+INSERT INTO daily_usage AS d (user_id, day, used)
+SELECT u, $2, 0 FROM unnest($1::text[]) AS u ORDER BY u
+ON CONFLICT (user_id, day) DO UPDATE SET used = d.used
+RETURNING user_id, used;
+
+-- name: reserve_many_context
+-- With the batch's user rows locked: its projects' rows of the day (created, locked, in project order),
+-- its users' tiers and which of its idempotency keys are taken. A statement of its own, so that its
+-- snapshot sees what committed while the batch waited for the user locks.
+-- $1 projects (distinct), $2 day, $3 users (distinct), $4 user and $5 idempotency key of each request.
+WITH project AS (
+    INSERT INTO project_daily_usage AS p (project_id, day, used)
+    SELECT p, $2, 0 FROM unnest($1::text[]) AS p ORDER BY p
+    ON CONFLICT (project_id, day) DO UPDATE SET used = p.used
+    RETURNING project_id, used
+)
+SELECT 'project' AS kind, project_id AS id, NULL::text AS idempotency_key, used, NULL::text AS tier FROM project
+UNION ALL
+SELECT 'tier', user_id, NULL, NULL, tier FROM accounts WHERE user_id = ANY($3::text[])
+UNION ALL
+SELECT 'taken', e.user_id, e.idempotency_key, NULL, NULL
+FROM unnest($4::text[], $5::text[]) AS k(user_id, idempotency_key)
+JOIN exports e ON e.user_id = k.user_id AND e.idempotency_key = k.idempotency_key;
+
+-- name: reserve_many
+-- The admitted reservations of a batch, recorded and counted in one statement: the counts are added up
+-- per day row, project and rollup row. The day rows are locked already (lock_daily_usage_many,
+-- reserve_many_context). One element per reservation in $1 export ids, $2 users, $3 projects,
+-- $4 idempotency keys, $5 fingerprints, $6 render modes, $7 formats, $8 resolutions, $9 requested seconds;
+-- $10 day, $11 now, $12 lease end. Returns the exports recorded (a key committed meanwhile by a
+-- reservation counted on another day records nothing), each with its user's reservations in flight
+-- before this statement.
+WITH request AS (
+    SELECT *
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                $9::double precision[])
+        AS r(export_id, user_id, project_id, idempotency_key, request_fingerprint, render_mode, format,
+             resolution, requested_duration_seconds)
+), inserted AS (
+    INSERT INTO exports (
+        export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
+        resolution, requested_duration_seconds, usage_day, created_at, lease_expires_at
+    )
+    SELECT export_id, user_id, project_id, idempotency_key, request_fingerprint, 'RESERVED', render_mode, format,
+           resolution, requested_duration_seconds, $10::date, $11::timestamptz, $12::timestamptz
+    FROM request
+    ON CONFLICT (user_id, idempotency_key) DO NOTHING
+    RETURNING *
+), daily AS (
+    UPDATE daily_usage d SET used = d.used + c.n
+    FROM (SELECT user_id, count(*) AS n FROM inserted GROUP BY user_id) c
+    WHERE d.user_id = c.user_id AND d.day = $10::date
+), project_day AS (
+    UPDATE project_daily_usage p SET used = p.used + c.n
+    FROM (SELECT project_id, count(*) AS n FROM inserted GROUP BY project_id) c
+    WHERE p.project_id = c.project_id AND p.day = $10::date
+), project AS (
+    INSERT INTO projects AS p (project_id, user_id, export_count, last_export_at, created_at)
+    SELECT project_id, min(user_id), count(*), $11::timestamptz, $11::timestamptz FROM inserted GROUP BY project_id
+    ON CONFLICT (project_id) DO UPDATE
+    SET export_count = p.export_count + EXCLUDED.export_count,
+        last_export_at = greatest(p.last_export_at, EXCLUDED.last_export_at)
+), rollup AS (
+    INSERT INTO export_rollups AS r (day, user_id, project_id, format, render_mode, exports, reserved, last_export_at)
+    SELECT $10::date, user_id, project_id, format, render_mode, count(*), count(*), $11::timestamptz
+    FROM inserted GROUP BY user_id, project_id, format, render_mode
+    ON CONFLICT (day, user_id, project_id, format, render_mode) DO UPDATE
+    SET exports = r.exports + EXCLUDED.exports, reserved = r.reserved + EXCLUDED.reserved,
+        last_export_at = greatest(r.last_export_at, EXCLUDED.last_export_at)
+)
+SELECT inserted.*,
+       (SELECT count(*) FROM exports e WHERE e.user_id = inserted.user_id AND e.status = 'RESERVED') AS in_flight_before
+FROM inserted;
+
 -- name: daily_used
 SELECT used FROM daily_usage WHERE user_id = $1 AND day = $2;
 
@@ -223,6 +301,18 @@ ORDER BY lease_expires_at
 LIMIT 1
 FOR UPDATE SKIP LOCKED;
 
+-- name: list_user_exports
+SELECT * FROM exports
+WHERE user_id = $1 AND (created_at, export_id) < ($2, $3)
+ORDER BY created_at DESC, export_id DESC
+LIMIT $4;
+
+-- name: list_project_exports
+SELECT * FROM exports
+WHERE user_id = $1 AND project_id = $2 AND (created_at, export_id) < ($3, $4)
+ORDER BY created_at DESC, export_id DESC
+LIMIT $5;
+
 -- name: stats_rollup
 -- Totals, per day, per format and per render mode of the window in one pass over the rollup.
 -- $1..$2: first and last day; $3: user or NULL; $4: project or NULL.
@@ -339,97 +429,3 @@ WITH tiers AS (
 (SELECT user_id, tier, used, daily_limit, NULL::bigint AS tier_count FROM near ORDER BY used DESC, user_id LIMIT $8)
 UNION ALL
 (SELECT NULL, tier, NULL, NULL, count(*) FROM near GROUP BY tier);
-
--- --- Retention (migrations/0002_export_archive.sql): the archiver; history over the ledger and the archive ---
-
--- name: oldest_archivable_export
--- created_at of the oldest export the archiver may move: closed, created in [$2, $1) and closed before $1
--- (the cutoff); NULL when there is none. Reads the partial index exports_closed_by_created.
-SELECT min(created_at) FROM exports
-WHERE status <> 'RESERVED' AND created_at >= $2 AND created_at < $1
-  AND coalesce(completed_at, expired_at, created_at) < $1;
-
--- name: ensure_archive_partition
--- The archive's partition for the month (UTC) of $1, created and attached when missing.
-SELECT exports_archive_partition($1)::text;
-
--- name: archive_closed_exports
--- Moves up to $4 closed exports created in [$1, $2) (one month's partition) and closed before $3 from the
--- ledger to the archive, in one statement and so one transaction. Rows another archiver holds are skipped,
--- not waited for: every replica may run this at once and each export moves once. $5: archived_at.
--- Returns how many moved. Counters and rollups are untouched: they already count these exports.
-WITH batch AS (
-    SELECT export_id FROM exports
-    WHERE status <> 'RESERVED' AND created_at >= $1 AND created_at < $2
-      AND coalesce(completed_at, expired_at, created_at) < $3
-    ORDER BY created_at
-    LIMIT $4
-    FOR UPDATE SKIP LOCKED
-), moved AS (
-    DELETE FROM exports e USING batch
-    WHERE e.export_id = batch.export_id AND e.status <> 'RESERVED'
-    RETURNING e.*
-), archived AS (
-    INSERT INTO exports_archive (
-        export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
-        resolution, requested_duration_seconds, duration_seconds, file_size_bytes, output_uri, render_seconds,
-        error, usage_day, created_at, completed_at, lease_expires_at, expired_at, archived_at
-    )
-    SELECT export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
-           resolution, requested_duration_seconds, duration_seconds, file_size_bytes, output_uri, render_seconds,
-           error, usage_day, created_at, completed_at, lease_expires_at, expired_at, $5
-    FROM moved
-    RETURNING 1
-)
-SELECT count(*) FROM archived;
-
--- name: list_user_history
--- ListExports: one keyset page ($2, $3: the last row's created_at and export_id; $4 rows) of a user's exports
--- over the ledger and the archive. One statement, so one snapshot: an export archived meanwhile shows up
--- exactly once, and the cursor does not care which table a row is in. Each branch reads its own history
--- index and stops after $4 rows; `created_at <= $2` lets the archive skip the months after the cursor.
-(
-    SELECT export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
-           resolution, requested_duration_seconds, duration_seconds, file_size_bytes, output_uri, render_seconds,
-           error, usage_day, created_at, completed_at, lease_expires_at, expired_at
-    FROM exports
-    WHERE user_id = $1 AND (created_at, export_id) < ($2, $3)
-    ORDER BY created_at DESC, export_id DESC
-    LIMIT $4
-)
-UNION ALL
-(
-    SELECT export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
-           resolution, requested_duration_seconds, duration_seconds, file_size_bytes, output_uri, render_seconds,
-           error, usage_day, created_at, completed_at, lease_expires_at, expired_at
-    FROM exports_archive
-    WHERE user_id = $1 AND created_at <= $2 AND (created_at, export_id) < ($2, $3)
-    ORDER BY created_at DESC, export_id DESC
-    LIMIT $4
-)
-ORDER BY created_at DESC, export_id DESC
-LIMIT $4;
-
--- name: list_project_history
--- list_user_history narrowed to one project ($2); the cursor and the limit move to $3..$5.
-(
-    SELECT export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
-           resolution, requested_duration_seconds, duration_seconds, file_size_bytes, output_uri, render_seconds,
-           error, usage_day, created_at, completed_at, lease_expires_at, expired_at
-    FROM exports
-    WHERE user_id = $1 AND project_id = $2 AND (created_at, export_id) < ($3, $4)
-    ORDER BY created_at DESC, export_id DESC
-    LIMIT $5
-)
-UNION ALL
-(
-    SELECT export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
-           resolution, requested_duration_seconds, duration_seconds, file_size_bytes, output_uri, render_seconds,
-           error, usage_day, created_at, completed_at, lease_expires_at, expired_at
-    FROM exports_archive
-    WHERE user_id = $1 AND project_id = $2 AND created_at <= $3 AND (created_at, export_id) < ($3, $4)
-    ORDER BY created_at DESC, export_id DESC
-    LIMIT $5
-)
-ORDER BY created_at DESC, export_id DESC
-LIMIT $5;
