@@ -15,7 +15,7 @@ from typing import Protocol
 
 import asyncpg
 
-from metering import errors, pagination, stats, validation
+from metering import archive, errors, pagination, stats, validation
 from metering.batching import Batcher
 from metering.db import Database
 from metering.domain import (
@@ -467,11 +467,11 @@ class MeteringCore:
         async with self._db.connection() as connection:
             if project_id is None:
                 rows = await connection.fetch(
-                    QUERIES["list_user_exports"], user_id, cursor.created_at, cursor.export_id, page_size + 1
+                    QUERIES["list_user_history"], user_id, cursor.created_at, cursor.export_id, page_size + 1
                 )
             else:
                 rows = await connection.fetch(
-                    QUERIES["list_project_exports"],
+                    QUERIES["list_project_history"],
                     user_id,
                     project_id,
                     cursor.created_at,
@@ -496,6 +496,18 @@ class MeteringCore:
             async with connection.transaction(readonly=True, isolation="repeatable_read"):
                 today = self._policy.day_of(self._policy.now())
                 return await stats.load_stats(connection, checked, today=today, tiers=self._tiers)
+
+    # --- retention ----------------------------------------------------------------------------------
+
+    async def archive_closed(
+        self, older_than: timedelta, *, batch_size: int = archive.DEFAULT_BATCH_SIZE
+    ) -> archive.ArchiveReport:
+        """Moves closed exports created and closed more than `older_than` ago to the archive (metering/archive.py);
+        safe on every replica at once."""
+        if older_than <= timedelta(0):
+            raise ValueError(f"older_than must be positive, not {older_than}")
+        now = self._policy.now()
+        return await archive.archive_closed(self._db, cutoff=now - older_than, archived_at=now, batch_size=batch_size)
 
     async def count_in_flight(self) -> int:
         """Reservations held right now, system-wide (a partial index keeps this cheap)."""

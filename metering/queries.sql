@@ -301,18 +301,6 @@ ORDER BY lease_expires_at
 LIMIT 1
 FOR UPDATE SKIP LOCKED;
 
--- name: list_user_exports
-SELECT * FROM exports
-WHERE user_id = $1 AND (created_at, export_id) < ($2, $3)
-ORDER BY created_at DESC, export_id DESC
-LIMIT $4;
-
--- name: list_project_exports
-SELECT * FROM exports
-WHERE user_id = $1 AND project_id = $2 AND (created_at, export_id) < ($3, $4)
-ORDER BY created_at DESC, export_id DESC
-LIMIT $5;
-
 -- name: stats_rollup
 -- Totals, per day, per format and per render mode of the window in one pass over the rollup.
 -- $1..$2: first and last day; $3: user or NULL; $4: project or NULL.
@@ -429,3 +417,97 @@ WITH tiers AS (
 (SELECT user_id, tier, used, daily_limit, NULL::bigint AS tier_count FROM near ORDER BY used DESC, user_id LIMIT $8)
 UNION ALL
 (SELECT NULL, tier, NULL, NULL, count(*) FROM near GROUP BY tier);
+
+-- --- Retention (migrations/0002_export_archive.sql): the archiver; history over the ledger and the archive ---
+
+-- name: oldest_archivable_export
+-- created_at of the oldest export the archiver may move: closed, created in [$2, $1) and closed before $1
+-- (the cutoff); NULL when there is none. Reads the partial index exports_closed_by_created.
+SELECT min(created_at) FROM exports
+WHERE status <> 'RESERVED' AND created_at >= $2 AND created_at < $1
+  AND coalesce(completed_at, expired_at, created_at) < $1;
+
+-- name: ensure_archive_partition
+-- The archive's partition for the month (UTC) of $1, created and attached when missing.
+SELECT exports_archive_partition($1)::text;
+
+-- name: archive_closed_exports
+-- Moves up to $4 closed exports created in [$1, $2) (one month's partition) and closed before $3 from the
+-- ledger to the archive, in one statement and so one transaction. Rows another archiver holds are skipped,
+-- not waited for: every replica may run this at once and each export moves once. $5: archived_at.
+-- Returns how many moved. Counters and rollups are untouched: they already count these exports.
+WITH batch AS (
+    SELECT export_id FROM exports
+    WHERE status <> 'RESERVED' AND created_at >= $1 AND created_at < $2
+      AND coalesce(completed_at, expired_at, created_at) < $3
+    ORDER BY created_at
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+), moved AS (
+    DELETE FROM exports e USING batch
+    WHERE e.export_id = batch.export_id AND e.status <> 'RESERVED'
+    RETURNING e.*
+), archived AS (
+    INSERT INTO exports_archive (
+        export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
+        resolution, requested_duration_seconds, duration_seconds, file_size_bytes, output_uri, render_seconds,
+        error, usage_day, created_at, completed_at, lease_expires_at, expired_at, archived_at
+    )
+    SELECT export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
+           resolution, requested_duration_seconds, duration_seconds, file_size_bytes, output_uri, render_seconds,
+           error, usage_day, created_at, completed_at, lease_expires_at, expired_at, $5
+    FROM moved
+    RETURNING 1
+)
+SELECT count(*) FROM archived;
+
+-- name: list_user_history
+-- ListExports: one keyset page ($2, $3: the last row's created_at and export_id; $4 rows) of a user's exports
+-- over the ledger and the archive. One statement, so one snapshot: an export archived meanwhile shows up
+-- exactly once, and the cursor does not care which table a row is in. Each branch reads its own history
+-- index and stops after $4 rows; `created_at <= $2` lets the archive skip the months after the cursor.
+(
+    SELECT export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
+           resolution, requested_duration_seconds, duration_seconds, file_size_bytes, output_uri, render_seconds,
+           error, usage_day, created_at, completed_at, lease_expires_at, expired_at
+    FROM exports
+    WHERE user_id = $1 AND (created_at, export_id) < ($2, $3)
+    ORDER BY created_at DESC, export_id DESC
+    LIMIT $4
+)
+UNION ALL
+(
+    SELECT export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
+           resolution, requested_duration_seconds, duration_seconds, file_size_bytes, output_uri, render_seconds,
+           error, usage_day, created_at, completed_at, lease_expires_at, expired_at
+    FROM exports_archive
+    WHERE user_id = $1 AND created_at <= $2 AND (created_at, export_id) < ($2, $3)
+    ORDER BY created_at DESC, export_id DESC
+    LIMIT $4
+)
+ORDER BY created_at DESC, export_id DESC
+LIMIT $4;
+
+-- name: list_project_history
+-- list_user_history narrowed to one project ($2); the cursor and the limit move to $3..$5.
+(
+    SELECT export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
+           resolution, requested_duration_seconds, duration_seconds, file_size_bytes, output_uri, render_seconds,
+           error, usage_day, created_at, completed_at, lease_expires_at, expired_at
+    FROM exports
+    WHERE user_id = $1 AND project_id = $2 AND (created_at, export_id) < ($3, $4)
+    ORDER BY created_at DESC, export_id DESC
+    LIMIT $5
+)
+UNION ALL
+(
+    SELECT export_id, user_id, project_id, idempotency_key, request_fingerprint, status, render_mode, format,
+           resolution, requested_duration_seconds, duration_seconds, file_size_bytes, output_uri, render_seconds,
+           error, usage_day, created_at, completed_at, lease_expires_at, expired_at
+    FROM exports_archive
+    WHERE user_id = $1 AND project_id = $2 AND created_at <= $3 AND (created_at, export_id) < ($3, $4)
+    ORDER BY created_at DESC, export_id DESC
+    LIMIT $5
+)
+ORDER BY created_at DESC, export_id DESC
+LIMIT $5;
