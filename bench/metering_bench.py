@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import profile
+from bench.consistency import check_ledger
 from bench.database import BenchPostgres
 from bench.load import LoadResult, LoadSpec, run_load
 from bench.pgbench import run_pgbench
@@ -109,6 +110,7 @@ async def _run_shape(pg: BenchPostgres, settings: MeteringSettings, shape: str) 
             profile_error = profile.finish_recording(recording) if recording is not None else ""
             rate = max(1.0, closed.pairs_per_second / 2)
             open_loop, open_cpu = await _measure(spec(service.target, rate=rate, label="open"), service.pid)
+        ledger = await check_ledger(database)
     finally:
         await pg.drop_database(database)
 
@@ -126,6 +128,7 @@ async def _run_shape(pg: BenchPostgres, settings: MeteringSettings, shape: str) 
         "noop": _load_figures(noop_result, noop_cpu),
         "pgbench": pgbench.as_dict(),
         "open_loop": _load_figures(open_loop, open_cpu),
+        "ledger": ledger,
         "ratio_vs_noop": _ratio(closed.pairs_per_second, noop_result.pairs_per_second),
         "ratio_vs_pgbench": _ratio(closed.pairs_per_second, pgbench.pairs_per_second),
         # At saturation latency is queueing: in flight / throughput, for comparison with the measured p50.

@@ -30,10 +30,10 @@ TARGET_METERING_MS = 10.0
 
 @dataclass(frozen=True, slots=True)
 class RenderSettings:
-    width: int = 640
-    height: int = 360
+    width: int = 1280
+    height: int = 720
     fps: float = 30.0
-    seconds: float = 8.0
+    seconds: float = 10.0
     repetitions: int = 3
 
     @classmethod

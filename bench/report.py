@@ -28,6 +28,12 @@ def _shape_lines(shape: str, figures: dict[str, Any], targets: dict[str, float])
         f"p99 {p99:.1f} ms (target <= {targets['open_loop_p99_ms']:.0f}: "
         f"{_check(p99 <= targets['open_loop_p99_ms'] and not open_loop['dropped'])})",
     ]
+    ledger = figures.get("ledger")
+    if ledger is not None:
+        lines.append(
+            f"    ledger after the runs: {ledger['exports']} exports, counters and rollups "
+            + ("consistent" if ledger["consistent"] else f"INCONSISTENT {ledger['mismatching_rows']}")
+        )
     if errors or open_loop["dropped"]:
         lines.append(f"    errors {errors}, dropped {open_loop['dropped']}")
     return lines

@@ -58,6 +58,9 @@ def test_quick_run_reports_every_piece_with_machine_and_ratios(pg_dsn: str, tmp_
     assert spread["pgbench"]["pairs_per_second"] > 0 and spread["pgbench"]["failed"] == 0
     assert _is_ratio(spread["ratio_vs_noop"]) and _is_ratio(spread["ratio_vs_pgbench"])
     assert spread["open_loop"]["rate"] > 0
+    # Under 64 calls in flight, every counter and rollup still agrees with the ledger, row for row.
+    assert spread["ledger"]["consistent"], spread["ledger"]
+    assert spread["ledger"]["exports"] >= spread["service"]["pairs"] + spread["open_loop"]["pairs"]
 
     stats = results["stats"]
     small, large = stats["settings"]["sizes"]
