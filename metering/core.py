@@ -84,6 +84,9 @@ class MeteringCore:
         self._reservations: Batcher[NewExport, ReserveResult] = Batcher(
             self._reserve_batch, key=lambda new: (new.user_id, new.idempotency_key), max_batch=reserve_batch_size
         )
+        self._completions: Batcher[CompleteRequest, Export] = Batcher(
+            self._complete_batch, key=lambda request: request.export_id, max_batch=reserve_batch_size
+        )
 
     # --- reservations -------------------------------------------------------------------------------
 
@@ -198,20 +201,21 @@ class MeteringCore:
         # reservation in arrival order with QuotaPolicy on the counts so far; record the admitted ones at once.
         day = self._policy.day_of(now)
         users = sorted({new.user_id for new in batch})
-        locked = await connection.fetch(QUERIES["lock_daily_usage_many"], users, day)
-        used = {row["user_id"]: row["used"] for row in locked}
+        used: dict[str, int] = {}
         project_used: dict[str, int] = {}
         account_tiers: dict[str, str] = {}
         taken: set[tuple[str, str]] = set()
         for row in await connection.fetch(
-            QUERIES["reserve_many_context"],
-            sorted({new.project_id for new in batch}),
-            day,
+            QUERIES["lock_reserve_many"],
             users,
+            day,
+            sorted({new.project_id for new in batch}),
             [new.user_id for new in batch],
             [new.idempotency_key for new in batch],
         ):
-            if row["kind"] == "project":
+            if row["kind"] == "user":
+                used[row["id"]] = row["used"]
+            elif row["kind"] == "project":
                 project_used[row["id"]] = row["used"]
             elif row["kind"] == "tier":
                 account_tiers[row["id"]] = row["tier"]
@@ -260,7 +264,8 @@ class MeteringCore:
             now + self._lease,
         )
         if len(rows) != len(admitted):
-            raise _KeyTakenMeanwhile  # rolls the batch back; see _reserve_batch
+            # A key committed while the batch waited for its locks: roll back, and look again.
+            raise _KeyTakenMeanwhile
         by_id = {row["export_id"]: row for row in rows}
         in_flight: dict[str, int] = {}
         for index, export_id, used_now, tier in admitted:
@@ -316,7 +321,97 @@ class MeteringCore:
 
     async def complete(self, request: CompleteRequest) -> Export:
         checked = validation.complete(request)
-        return await self._db.autocommit(lambda connection: self._complete(connection, checked))
+        return await self._completions.submit(checked)
+
+    async def _complete_batch(self, batch: Sequence[CompleteRequest]) -> list[Export | Exception]:
+        """Records a batch of completions (distinct exports); one outcome per completion."""
+        if len(batch) == 1:  # alone: one statement beats a batch's four
+            try:
+                return [await self._db.autocommit(lambda connection: self._complete(connection, batch[0]))]
+            except errors.MeteringError as error:
+                return [error]
+        moved: list[tuple[ExportStatus, Export]] = []
+        outcomes = await self._db.transaction(
+            lambda connection: self._complete_many(connection, batch, self._policy.now(), moved)
+        )
+        # Reported after commit: a crash right here under-counts a metric, never the ledger.
+        for outcome, old in moved:
+            self._events.export_moved(outcome, old)
+            log.info(
+                "export closed",
+                extra={
+                    "export_id": old.export_id,
+                    "outcome": outcome.value,
+                    "late": old.status is ExportStatus.EXPIRED,
+                },
+            )
+        return outcomes
+
+    async def _complete_many(
+        self,
+        connection: asyncpg.Connection,
+        batch: Sequence[CompleteRequest],
+        now: datetime,
+        moved: list[tuple[ExportStatus, Export]],
+    ) -> list[Export | Exception]:
+        # Lock the batch's exports (in id order), decide each completion as `_complete` does, then close
+        # every export that moves, and move its counts, in one statement.
+        moved.clear()  # a retried transaction starts over
+        ids = sorted({uuid.UUID(request.export_id) for request in batch})
+        locked = await connection.fetch(QUERIES["lock_exports_many"], ids)
+        exports = {row["export_id"]: export_from_row(row) for row in locked}
+        outcomes: list[Export | Exception] = []
+        closing: list[tuple[int, CompleteRequest, Export]] = []
+        for index, request in enumerate(batch):
+            assert request.outcome is not None
+            export = exports.get(uuid.UUID(request.export_id))
+            if export is None:
+                outcomes.append(errors.NotFound(f"export {request.export_id} not found"))
+            elif export.status == request.outcome:
+                outcomes.append(export)  # the same answer again: unchanged
+            elif export.status not in (ExportStatus.RESERVED, ExportStatus.EXPIRED):
+                outcomes.append(_already_closed(export, request.outcome))
+            else:
+                outcomes.append(export)  # replaced by the closed export below
+                closing.append((index, request, export))
+        if not closing:
+            return outcomes
+        columns: list[list[object]] = [[] for _ in range(21)]
+        for _, request, export in closing:
+            assert request.outcome is not None
+            completed = request.outcome is ExportStatus.COMPLETED
+            slot_delta, deltas = _count_deltas(export.status, request.outcome)
+            values = [
+                uuid.UUID(export.export_id),
+                request.outcome.value,
+                request.error or None,
+                request.file_size_bytes or None,
+                request.duration_seconds or None,
+                request.output_uri or None,
+                request.render_seconds or None,
+                export.user_id,
+                export.project_id,
+                export.usage_day,
+                export.format.value,
+                export.render_mode.value,
+                slot_delta,
+                *deltas,
+                # A completed export counts its measured length when reported, else the length asked for.
+                (request.duration_seconds or export.requested_duration_seconds) if completed else 0.0,
+                request.file_size_bytes if completed else 0,
+                stats.render_time_bucket(request.render_seconds) if completed and request.render_seconds > 0 else None,
+            ]
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
+        closed = {
+            row["export_id"]: export_from_row(row)
+            for row in await connection.fetch(QUERIES["complete_many"], *columns, now)
+        }
+        for index, request, export in closing:
+            assert request.outcome is not None
+            outcomes[index] = closed[uuid.UUID(export.export_id)]
+            moved.append((request.outcome, export))
+        return outcomes
 
     async def _complete(self, connection: asyncpg.Connection, request: CompleteRequest) -> Export:
         assert request.outcome is not None
@@ -340,15 +435,7 @@ class MeteringCore:
         if not row["changed"]:
             if export.status == request.outcome:
                 return export  # the same answer again: unchanged
-            raise errors.FailedPrecondition(
-                f"export {export.export_id} is already {export.status.value}; "
-                f"it cannot also be {request.outcome.value}",
-                (
-                    errors.PreconditionViolation(
-                        "EXPORT_ALREADY_CLOSED", f"export:{export.export_id}", f"status is {export.status}"
-                    ),
-                ),
-            )
+            raise _already_closed(export, request.outcome)
         # Reported after commit (the statement is its own transaction): a crash right here under-counts a
         # metric, never the ledger.
         self._events.export_moved(request.outcome, export)
@@ -544,9 +631,21 @@ _ROLLUP_COLUMNS = (
 )
 
 
+def _already_closed(export: Export, outcome: ExportStatus) -> errors.FailedPrecondition:
+    return errors.FailedPrecondition(
+        f"export {export.export_id} is already {export.status.value}; it cannot also be {outcome.value}",
+        (
+            errors.PreconditionViolation(
+                "EXPORT_ALREADY_CLOSED", f"export:{export.export_id}", f"status is {export.status}"
+            ),
+        ),
+    )
+
+
 class _KeyTakenMeanwhile(Exception):
-    """A batch's idempotency key was committed by a reservation counted on another day after the batch
-    looked: the batch is rolled back and recorded again."""
+    """A batch's idempotency key was committed by another reservation while the batch waited for its
+    locks (lock_reserve_many read the keys in a snapshot from before): the batch is rolled back and
+    recorded again, and then sees the key taken."""
 
 
 _REPLAY = object()  # a batch's outcome for a reservation whose key is taken: answered as a replay

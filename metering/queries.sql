@@ -106,29 +106,29 @@ FROM (SELECT) AS one
 LEFT JOIN decision ON true
 LEFT JOIN inserted ON true;
 
--- name: lock_daily_usage_many
--- A batch of reservations (metering/batching.py) starts here: its users' rows of the day, created at 0 when
--- missing and locked, in user order; every batch locks in that order, so batches never wait in a circle.
--- $1 the batch's users (distinct), $2 day. Returns user_id, used.
-INSERT INTO daily_usage AS d (user_id, day, used)
-SELECT u, $2, 0 FROM unnest($1::text[]) AS u ORDER BY u
-ON CONFLICT (user_id, day) DO UPDATE SET used = d.used
-RETURNING user_id, used;
-
--- name: reserve_many_context
--- With the batch's user rows locked: its projects' rows of the day (created, locked, in project order),
--- its users' tiers and which of its idempotency keys are taken. A statement of its own, so that its
--- snapshot sees what committed while the batch waited for the user locks.
--- $1 projects (distinct), $2 day, $3 users (distinct), $4 user and $5 idempotency key of each request.
-WITH project AS (
+-- name: lock_reserve_many
+-- A batch of reservations (metering/batching.py) starts here: its users' rows of the day, then its
+-- projects' (created at 0 when missing, locked, each in key order, users first: every batch locks in that
+-- order, so batches never wait in a circle), its users' tiers and which of its idempotency keys are taken.
+-- A key committed while the batch waited for a lock is missed here and found by reserve_many instead.
+-- $1 the batch's users (distinct), $2 day, $3 its projects (distinct), $4 user and $5 idempotency key of
+-- each request. Rows: (kind, id, idempotency_key, used, tier) with kind user, project, tier or taken.
+WITH daily AS (
+    INSERT INTO daily_usage AS d (user_id, day, used)
+    SELECT u, $2, 0 FROM unnest($1::text[]) AS u ORDER BY u
+    ON CONFLICT (user_id, day) DO UPDATE SET used = d.used
+    RETURNING user_id, used
+), project AS (
     INSERT INTO project_daily_usage AS p (project_id, day, used)
-    SELECT p, $2, 0 FROM unnest($1::text[]) AS p ORDER BY p
+    SELECT p, $2, 0 FROM unnest($3::text[]) AS p WHERE (SELECT count(*) FROM daily) >= 0 ORDER BY p
     ON CONFLICT (project_id, day) DO UPDATE SET used = p.used
     RETURNING project_id, used
 )
-SELECT 'project' AS kind, project_id AS id, NULL::text AS idempotency_key, used, NULL::text AS tier FROM project
+SELECT 'user' AS kind, user_id AS id, NULL::text AS idempotency_key, used, NULL::text AS tier FROM daily
 UNION ALL
-SELECT 'tier', user_id, NULL, NULL, tier FROM accounts WHERE user_id = ANY($3::text[])
+SELECT 'project', project_id, NULL, used, NULL FROM project
+UNION ALL
+SELECT 'tier', user_id, NULL, NULL, tier FROM accounts WHERE user_id = ANY($1::text[])
 UNION ALL
 SELECT 'taken', e.user_id, e.idempotency_key, NULL, NULL
 FROM unnest($4::text[], $5::text[]) AS k(user_id, idempotency_key)
@@ -136,12 +136,11 @@ JOIN exports e ON e.user_id = k.user_id AND e.idempotency_key = k.idempotency_ke
 
 -- name: reserve_many
 -- The admitted reservations of a batch, recorded and counted in one statement: the counts are added up
--- per day row, project and rollup row. The day rows are locked already (lock_daily_usage_many,
--- reserve_many_context). One element per reservation in $1 export ids, $2 users, $3 projects,
--- $4 idempotency keys, $5 fingerprints, $6 render modes, $7 formats, $8 resolutions, $9 requested seconds;
--- $10 day, $11 now, $12 lease end. Returns the exports recorded (a key committed meanwhile by a
--- reservation counted on another day records nothing), each with its user's reservations in flight
--- before this statement.
+-- per day row, project and rollup row, and the project and rollup rows written in key order. The day rows
+-- are locked already (lock_reserve_many). One element per reservation in $1 export ids, $2 users,
+-- $3 projects, $4 idempotency keys, $5 fingerprints, $6 render modes, $7 formats, $8 resolutions,
+-- $9 requested seconds; $10 day, $11 now, $12 lease end. Returns the exports recorded (nothing for a key
+-- committed meanwhile), each with its user's reservations in flight before this statement.
 WITH request AS (
     SELECT *
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
@@ -168,14 +167,15 @@ WITH request AS (
     WHERE p.project_id = c.project_id AND p.day = $10::date
 ), project AS (
     INSERT INTO projects AS p (project_id, user_id, export_count, last_export_at, created_at)
-    SELECT project_id, min(user_id), count(*), $11::timestamptz, $11::timestamptz FROM inserted GROUP BY project_id
+    SELECT project_id, min(user_id), count(*), $11::timestamptz, $11::timestamptz FROM inserted
+    GROUP BY project_id ORDER BY project_id
     ON CONFLICT (project_id) DO UPDATE
     SET export_count = p.export_count + EXCLUDED.export_count,
         last_export_at = greatest(p.last_export_at, EXCLUDED.last_export_at)
 ), rollup AS (
     INSERT INTO export_rollups AS r (day, user_id, project_id, format, render_mode, exports, reserved, last_export_at)
     SELECT $10::date, user_id, project_id, format, render_mode, count(*), count(*), $11::timestamptz
-    FROM inserted GROUP BY user_id, project_id, format, render_mode
+    FROM inserted GROUP BY user_id, project_id, format, render_mode ORDER BY user_id, project_id, format, render_mode
     ON CONFLICT (day, user_id, project_id, format, render_mode) DO UPDATE
     SET exports = r.exports + EXCLUDED.exports, reserved = r.reserved + EXCLUDED.reserved,
         last_export_at = greatest(r.last_export_at, EXCLUDED.last_export_at)
@@ -285,6 +285,98 @@ WITH old AS MATERIALIZED (
 SELECT true AS changed, closed.* FROM closed
 UNION ALL
 SELECT false, old.*, old.status FROM old WHERE NOT EXISTS (SELECT FROM closed);
+
+-- name: lock_exports_many
+-- A batch of completions (metering/batching.py) starts here: its exports, locked in export_id order.
+-- $1 export ids (distinct).
+SELECT * FROM exports WHERE export_id = ANY($1::uuid[]) ORDER BY export_id FOR UPDATE;
+
+-- name: complete_many
+-- The closing completions of a batch (exports locked by lock_exports_many) in one statement: the exports
+-- closed, and their counts moved, added up per day row, project, rollup row and histogram bucket. Every
+-- kind of row is locked in key order, day rows before project rows before rollups before the histogram
+-- (each step reads the one before it), as in this file's lock order, so batches never wait in a circle.
+-- One element per completion: $1 export ids, $2 outcomes, $3 errors, $4 bytes, $5 measured seconds,
+-- $6 output uris, $7 render seconds, $8 users, $9 projects, $10 the exports' days, $11 formats,
+-- $12 render modes, $13 slot deltas, $14..$18 deltas of reserved, completed, failed, cancelled, expired,
+-- $19 completed seconds, $20 completed bytes, $21 render-time buckets (NULL: none); $22 now.
+WITH c AS MATERIALIZED (
+    SELECT *
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::double precision[], $6::text[],
+                $7::double precision[], $8::text[], $9::text[], $10::date[], $11::text[], $12::text[],
+                $13::integer[], $14::integer[], $15::integer[], $16::integer[], $17::integer[], $18::integer[],
+                $19::double precision[], $20::bigint[], $21::integer[])
+        AS c(export_id, outcome, error, file_size_bytes, duration_seconds, output_uri, render_seconds, user_id,
+             project_id, usage_day, format, render_mode, slot_delta, d_reserved, d_completed, d_failed,
+             d_cancelled, d_expired, completed_seconds, completed_bytes, bucket)
+), daily_delta AS MATERIALIZED (
+    SELECT user_id, usage_day, sum(slot_delta) AS delta FROM c
+    GROUP BY user_id, usage_day HAVING sum(slot_delta) <> 0
+), daily_locked AS MATERIALIZED (
+    SELECT d.user_id FROM daily_usage d JOIN daily_delta s ON d.user_id = s.user_id AND d.day = s.usage_day
+    ORDER BY d.user_id, d.day
+    FOR UPDATE OF d
+), daily AS (
+    UPDATE daily_usage d SET used = d.used + s.delta
+    FROM daily_delta s
+    WHERE d.user_id = s.user_id AND d.day = s.usage_day AND (SELECT count(*) FROM daily_locked) >= 0
+    RETURNING 1
+), project_delta AS MATERIALIZED (
+    SELECT project_id, usage_day, sum(slot_delta) AS delta FROM c
+    GROUP BY project_id, usage_day HAVING sum(slot_delta) <> 0
+), project_locked AS MATERIALIZED (
+    SELECT p.project_id FROM project_daily_usage p
+    JOIN project_delta s ON p.project_id = s.project_id AND p.day = s.usage_day
+    WHERE (SELECT count(*) FROM daily) >= 0
+    ORDER BY p.project_id, p.day
+    FOR UPDATE OF p
+), project_day AS (
+    UPDATE project_daily_usage p SET used = p.used + s.delta
+    FROM project_delta s
+    WHERE p.project_id = s.project_id AND p.day = s.usage_day AND (SELECT count(*) FROM project_locked) >= 0
+    RETURNING 1
+), rollup_delta AS MATERIALIZED (
+    SELECT usage_day, user_id, project_id, format, render_mode,
+           sum(d_reserved) AS reserved, sum(d_completed) AS completed, sum(d_failed) AS failed,
+           sum(d_cancelled) AS cancelled, sum(d_expired) AS expired,
+           sum(completed_seconds) AS completed_seconds, sum(completed_bytes) AS completed_bytes
+    FROM c GROUP BY usage_day, user_id, project_id, format, render_mode
+), rollup_locked AS MATERIALIZED (
+    SELECT r.day FROM export_rollups r
+    JOIN rollup_delta s ON r.day = s.usage_day AND r.user_id = s.user_id AND r.project_id = s.project_id
+                       AND r.format = s.format AND r.render_mode = s.render_mode
+    WHERE (SELECT count(*) FROM project_day) >= 0
+    ORDER BY r.day, r.user_id, r.project_id, r.format, r.render_mode
+    FOR UPDATE OF r
+), rollup AS (
+    UPDATE export_rollups r
+    SET reserved = r.reserved + s.reserved, completed = r.completed + s.completed, failed = r.failed + s.failed,
+        cancelled = r.cancelled + s.cancelled, expired = r.expired + s.expired,
+        completed_duration_seconds = r.completed_duration_seconds + s.completed_seconds,
+        completed_bytes = r.completed_bytes + s.completed_bytes
+    FROM rollup_delta s
+    WHERE r.day = s.usage_day AND r.user_id = s.user_id AND r.project_id = s.project_id
+      AND r.format = s.format AND r.render_mode = s.render_mode AND (SELECT count(*) FROM rollup_locked) >= 0
+    RETURNING 1
+), render_time AS (
+    INSERT INTO render_time_histogram AS h (day, user_id, project_id, bucket, count)
+    SELECT usage_day, user_id, project_id, bucket, count(*) FROM c
+    WHERE bucket IS NOT NULL AND (SELECT count(*) FROM rollup) >= 0
+    GROUP BY usage_day, user_id, project_id, bucket
+    ORDER BY usage_day, user_id, project_id, bucket
+    ON CONFLICT (day, user_id, project_id, bucket) DO UPDATE SET count = h.count + EXCLUDED.count
+    RETURNING 1
+), closed AS (
+    UPDATE exports e
+    SET status = c.outcome, error = c.error, file_size_bytes = c.file_size_bytes,
+        duration_seconds = c.duration_seconds, output_uri = c.output_uri, render_seconds = c.render_seconds,
+        completed_at = $22::timestamptz
+    FROM c
+    WHERE e.export_id = c.export_id
+      AND (SELECT count(*) FROM rollup) >= 0 AND (SELECT count(*) FROM render_time) >= 0
+    RETURNING e.*
+)
+SELECT * FROM closed;
 
 -- name: extend_lease
 UPDATE exports SET lease_expires_at = $2 WHERE export_id = $1 AND status = 'RESERVED' RETURNING *;
