@@ -448,14 +448,21 @@ LEFT JOIN daily_usage d ON d.user_id = u.user_id AND d.day = $6
 ORDER BY u.exports DESC, u.user_id;
 
 -- name: stats_top_projects
-SELECT r.project_id, p.user_id, sum(r.exports)::bigint AS exports, max(r.last_export_at) AS last_export_at
-FROM export_rollups r JOIN projects p ON p.project_id = r.project_id
-WHERE r.day BETWEEN $1 AND $2
-  AND ($3::text IS NULL OR r.user_id = $3)
-  AND ($4::text IS NULL OR r.project_id = $4)
-GROUP BY r.project_id, p.user_id
-ORDER BY exports DESC, r.project_id
-LIMIT $5;
+-- The busiest projects of the window, ranked on the rollup alone; only those $5 then look up their owner
+-- (every rollup's project has its row: both are written by the same transaction).
+WITH top AS (
+    SELECT r.project_id, sum(r.exports)::bigint AS exports, max(r.last_export_at) AS last_export_at
+    FROM export_rollups r
+    WHERE r.day BETWEEN $1 AND $2
+      AND ($3::text IS NULL OR r.user_id = $3)
+      AND ($4::text IS NULL OR r.project_id = $4)
+    GROUP BY r.project_id
+    ORDER BY exports DESC, r.project_id
+    LIMIT $5
+)
+SELECT top.project_id, p.user_id, top.exports, top.last_export_at
+FROM top JOIN projects p ON p.project_id = top.project_id
+ORDER BY top.exports DESC, top.project_id;
 
 -- name: user_snapshot
 -- A user's tier and today's count, for a per-user stats query with nothing in the window.
