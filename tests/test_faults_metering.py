@@ -49,10 +49,11 @@ def count(attempts: list[Attempt], predicate: Callable[[Attempt], bool], at_leas
     return lambda: sum(1 for attempt in attempts if predicate(attempt)) >= at_least
 
 
-async def lock_waits(connection: asyncpg.Connection) -> int:
-    return await connection.fetchval(
+async def lock_waits(connection: asyncpg.Connection, *, at_least: int) -> bool:
+    waiting = await connection.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'metering' AND wait_event_type = 'Lock'"
     )
+    return waiting >= at_least
 
 
 async def test_sigterm_under_load_finishes_in_flight_calls_refuses_new_ones_and_exits_zero(
@@ -63,39 +64,40 @@ async def test_sigterm_under_load_finishes_in_flight_calls_refuses_new_ones_and_
     )
     await metering.start()
     await set_tiers(metering.target, {"held": "unlimited"})
-    async with metering_stub(metering.target) as stub:
-        await stub.CheckAndReserve(reserve_request("held-0", user="held"))
-        # Hold the user's day row: these reservations stay in flight until the test lets them go.
-        blocker = await asyncpg.connect(database_url)
-        transaction = blocker.transaction()
-        await transaction.start()
-        await blocker.execute("SELECT * FROM daily_usage WHERE user_id = 'held' FOR UPDATE")
-        held = [
-            asyncio.ensure_future(stub.CheckAndReserve(reserve_request(f"held-{n}", user="held"), timeout=60))
-            for n in (1, 2, 3)
-        ]
-        try:
-            await until(lambda: lock_waits(blocker), timeout=15, what="a held reservation to wait on the lock")
-            # Users of their own (one reservation each): no quota refusals in the background load.
-            async with ReserveLoad([metering.target], lambda rng: f"bg-{rng.getrandbits(48):x}", workers=4) as load:
-                await until(count(load.attempts, lambda a: a.code == OK, 20), timeout=30, what="background load")
-                metering.process.send_signal(signal.SIGTERM)
-                await until(
-                    lambda: any(e.get("msg") == "draining" for e in metering.log()), timeout=10, what="the drain"
+    blocker = await asyncpg.connect(database_url)
+    held: list[asyncio.Future] = []
+    # Users of their own (one reservation each): no quota refusals in the background load.
+    background = ReserveLoad([metering.target], lambda rng: f"bg-{rng.getrandbits(48):x}", workers=4)
+    probes = ReserveLoad([metering.target], lambda rng: f"late-{rng.getrandbits(48):x}", workers=4, key_prefix="late")
+    try:
+        async with metering_stub(metering.target) as stub, background:
+            await stub.CheckAndReserve(reserve_request("held-0", user="held"))
+            await until(count(background.attempts, lambda a: a.code == OK, 20), timeout=30, what="background load")
+            # Hold the user's day row: these reservations stay in flight until the test lets them go.
+            transaction = blocker.transaction()
+            await transaction.start()
+            await blocker.execute("SELECT * FROM daily_usage WHERE user_id = 'held' FOR UPDATE")
+            for n in (1, 2):  # one at a time, each seen waiting on the lock: in a handler, not queued in gRPC
+                held.append(
+                    asyncio.ensure_future(stub.CheckAndReserve(reserve_request(f"held-{n}", user="held"), timeout=60))
                 )
                 await until(
-                    count(load.attempts, lambda a: a.code == UNAVAILABLE, 10), timeout=15, what="refused calls"
+                    lambda n=n: lock_waits(blocker, at_least=n), timeout=15, what=f"held reservation {n} at the lock"
                 )
-                # Still draining: the held calls keep the server alive.
-                still_running = metering.running and not any(call.done() for call in held)
-                await transaction.rollback()
-                answers = await asyncio.gather(*held)
-                returncode = await metering.wait_exit(30)
-        finally:
-            for call in held:
-                call.cancel()
-            await blocker.close()
-    attempts = list(load.attempts)
+            metering.process.send_signal(signal.SIGTERM)
+            await until(lambda: any(e.get("msg") == "draining" for e in metering.log()), timeout=10, what="drain")
+            async with probes:  # new clients, new connections, once the drain has begun
+                await until(count(probes.attempts, lambda a: a.code == UNAVAILABLE, 10), timeout=15, what="refusals")
+            # Still draining: the held calls keep the server alive.
+            still_running = metering.running and not any(call.done() for call in held)
+            await transaction.rollback()
+            answers = await asyncio.gather(*held)
+            returncode = await metering.wait_exit(30)
+    finally:
+        for call in held:
+            call.cancel()
+        await blocker.close()
+    attempts = background.attempts + probes.attempts
     ledger = await ledger_by_key(database_url)
     violations = await ledger_violations(database_url)
 
@@ -105,7 +107,7 @@ async def test_sigterm_under_load_finishes_in_flight_calls_refuses_new_ones_and_
     assert {a.code for a in attempts} <= {OK, UNAVAILABLE, CANCELLED}
     assert all(a.code == UNAVAILABLE for a in attempts if a.started > first_refusal)  # refused from then on
     assert still_running
-    assert sorted(answer.usage.used for answer in answers) == [2, 3, 4]  # every held call finished OK
+    assert sorted(answer.usage.used for answer in answers) == [2, 3]  # every held call finished OK
     assert returncode == 0
     messages = [entry.get("msg") for entry in metering.log()]
     assert messages.index("draining") < messages.index("stopped")
@@ -114,8 +116,7 @@ async def test_sigterm_under_load_finishes_in_flight_calls_refuses_new_ones_and_
             assert str(ledger[attempt.key]["export_id"]) == attempt.export_id
         else:
             assert attempt.key not in ledger  # refused before it reached the ledger
-    assert {f"held-{n}" for n in range(4)} <= set(ledger)
-    assert set(ledger) == {a.key for a in attempts if a.code == OK} | {f"held-{n}" for n in range(4)}
+    assert set(ledger) == {a.key for a in attempts if a.code == OK} | {f"held-{n}" for n in range(3)}
     assert violations == []
     assert metering.errors_logged() == []
 
@@ -215,3 +216,45 @@ async def test_a_call_cancelled_by_a_stopping_metering_reaches_the_renderers_cal
         await server.stop(None)
     assert refused.value.code() == UNAVAILABLE
     assert not (tmp_path / "renders").exists() or not any((tmp_path / "renders").iterdir())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,  # the others' answers; anything else failing is a failure of the test
+    reason="batched reservations (metering/batching.py, at most 2 batches running) queue every user behind a "
+    "batch that waits on one user's locked day row: a stuck transaction stalls the whole replica. Remove this "
+    "marker once other users get through.",
+)
+async def test_a_stuck_lock_on_one_users_day_stalls_only_that_users_reservations(
+    database_url: str, tmp_path: Path, processes: ProcessRegistry
+) -> None:
+    """A transaction left holding one user's day row (a replica cut off mid-transaction, an operator's open
+    psql session) delays that user's reservations, and nobody else's."""
+    metering = MeteringReplica(processes, database_url, log_dir=tmp_path)
+    await metering.start()
+    blocker = await asyncpg.connect(database_url)
+    held: list[asyncio.Future] = []
+    try:
+        async with metering_stub(metering.target) as stub:
+            await stub.CheckAndReserve(reserve_request("stuck-0", user="stuck"))
+            transaction = blocker.transaction()
+            await transaction.start()
+            await blocker.execute("SELECT * FROM daily_usage WHERE user_id = 'stuck' FOR UPDATE")
+            for n in (1, 2):
+                held.append(
+                    asyncio.ensure_future(stub.CheckAndReserve(reserve_request(f"stuck-{n}", user="stuck"), timeout=60))
+                )
+                await until(lambda n=n: lock_waits(blocker, at_least=n), timeout=15, what=f"stuck call {n} at the lock")
+            others = await asyncio.gather(
+                *(stub.CheckAndReserve(reserve_request(f"free-{n}", user=f"other-{n}"), timeout=3) for n in range(5)),
+                return_exceptions=True,
+            )
+            await transaction.rollback()
+            stuck = await asyncio.gather(*held)
+    finally:
+        for call in held:
+            call.cancel()
+        await blocker.close()
+
+    assert [type(answer).__name__ for answer in others] == ["CheckAndReserveResponse"] * 5
+    assert sorted(answer.usage.used for answer in stuck) == [2, 3]  # the stuck user's calls went through after
