@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -64,8 +64,15 @@ async def metering_process(
     log_path = work / "metering.log"
     settings = {
         "DATABASE_URL": database_url,
-        "METERING_LISTEN": "127.0.0.1:0",
+        # A port chosen here, not port 0: the server's "serving" log line may be filtered out by its log level.
+        "METERING_LISTEN": f"127.0.0.1:{free_port()}",
         "METERING_TIERS_FILE": str(tiers),
+        # Experiments: BENCH_METERING_X=v runs the server with METERING_X=v (e.g. DB_POOL_SIZE, LOG_LEVEL).
+        **{
+            "METERING_" + key.removeprefix("BENCH_METERING_"): value
+            for key, value in os.environ.items()
+            if key.startswith("BENCH_METERING_")
+        },
         **(env or {}),
     }
     with log_path.open("wb") as log_file:
@@ -78,8 +85,8 @@ async def metering_process(
             stderr=subprocess.STDOUT,
         )
     try:
-        target = await _wait_for_log_target(process, log_path, startup_timeout)
-        await wait_serving(target, timeout=startup_timeout)
+        target = settings["METERING_LISTEN"]
+        await wait_serving(target, timeout=startup_timeout, process=process, log_path=log_path)
         yield ServerProcess(target, process.pid, log_path)
     finally:
         await asyncio.to_thread(_stop, process)
@@ -89,22 +96,20 @@ async def metering_process(
             work.rmdir()
 
 
-async def _wait_for_log_target(process: subprocess.Popen[bytes], log_path: Path, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"metering exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        for line in log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if isinstance(entry, dict) and entry.get("msg") == "serving":
-                    return str(entry["target"])
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"metering did not start in {timeout} s:\n{log_path.read_text()[-3000:]}")
-        await asyncio.sleep(0.05)
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
-async def wait_serving(target: str, *, timeout: float = 30.0) -> None:
+async def wait_serving(
+    target: str,
+    *,
+    timeout: float = 30.0,
+    process: subprocess.Popen[bytes] | None = None,
+    log_path: Path | None = None,
+) -> None:
+    """Polls grpc.health.v1 until `target` is SERVING; fails early if `process` exits."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -112,6 +117,9 @@ async def wait_serving(target: str, *, timeout: float = 30.0) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
+            if process is not None and process.poll() is not None:
+                output = log_path.read_text(errors="replace")[-3000:] if log_path else ""
+                raise RuntimeError(f"the server exited with {process.returncode}:\n{output}")
             try:
                 answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
                 if answer.status == health_pb2.HealthCheckResponse.SERVING:
@@ -119,7 +127,8 @@ async def wait_serving(target: str, *, timeout: float = 30.0) -> None:
             except grpc.aio.AioRpcError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{target} is not SERVING after {timeout} s")
+                output = log_path.read_text(errors="replace")[-3000:] if log_path else ""
+                raise TimeoutError(f"{target} is not SERVING after {timeout} s\n{output}")
             await asyncio.sleep(0.1)
 
 
