@@ -50,6 +50,8 @@ def count(attempts: list[Attempt], predicate: Callable[[Attempt], bool], at_leas
 
 
 async def lock_waits(connection: asyncpg.Connection, *, at_least: int) -> bool:
+    # Inside a transaction pg_stat_activity is a snapshot taken at its first read: clear it to see now.
+    await connection.execute("SELECT pg_stat_clear_snapshot()")
     waiting = await connection.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'metering' AND wait_event_type = 'Lock'"
     )
