@@ -5,6 +5,11 @@ free) the next batch takes every waiting call, up to `max_batch`. A call that ar
 starts at once, alone, so a quiet server answers as fast as without batching. Two calls with the same user
 and idempotency key never share a batch (the second is a replay of the first, answered by the next batch).
 
+A batch that cannot go on does not hold the others up: a batch or call still running after
+`release_after` seconds gives its slot to the next batch (it goes on by itself), and `run` may raise
+`SplitBatch` (for example when the batch waits on a lock another transaction holds) to have every call of
+the batch recorded alone, each answered as soon as it is done.
+
 The batcher knows nothing of SQL: `run` records a batch and returns one outcome per call, in order (a
 result, or the exception that call raises).
 """
@@ -24,6 +29,10 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
+class SplitBatch(Exception):
+    """Raised by `run` for a batch of several calls: record each of them alone instead."""
+
+
 @dataclass(slots=True)
 class _Waiting(Generic[Item, Result]):
     item: Item
@@ -39,15 +48,18 @@ class Batcher(Generic[Item, Result]):
         key: Callable[[Item], Hashable],
         max_batch: int = 64,
         max_running: int = 2,
+        release_after: float = 0.1,
     ) -> None:
-        if max_batch < 1 or max_running < 1:
-            raise ValueError("max_batch and max_running must be at least 1")
+        if max_batch < 1 or max_running < 1 or release_after <= 0:
+            raise ValueError("max_batch and max_running must be at least 1, release_after above 0")
         self._run = run
         self._key = key
         self._max_batch = max_batch
         self._max_running = max_running
+        self._release_after = release_after
         self._waiting: deque[_Waiting[Item, Result]] = deque()
         self._running: set[asyncio.Task[None]] = set()
+        self._split: set[asyncio.Task[None]] = set()  # calls of split batches, recorded alone
 
     async def submit(self, item: Item) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -72,17 +84,27 @@ class Batcher(Generic[Item, Result]):
             self._waiting.extendleft(reversed(held))
             if not batch:
                 return
-            task = asyncio.create_task(self._record(batch), name="metering-reserve-batch")
+            task = asyncio.create_task(self._record(batch), name="metering-batch")
             self._running.add(task)
             task.add_done_callback(self._finished)
+            asyncio.get_running_loop().call_later(self._release_after, self._finished, task)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        self._start_batches()
+        """The task ended, or has run for `release_after`: its slot goes to the next batch."""
+        if task in self._running:
+            self._running.discard(task)
+            self._start_batches()
 
     async def _record(self, batch: list[_Waiting[Item, Result]]) -> None:
         try:
             outcomes = await self._run([waiting.item for waiting in batch])
+        except SplitBatch:
+            log.info("batch split", extra={"calls": len(batch)})
+            for waiting in batch:  # alone, outside the slots: one that waits holds up nobody else
+                task = asyncio.create_task(self._record([waiting]), name="metering-batch-split")
+                self._split.add(task)
+                task.add_done_callback(self._split.discard)
+            return
         except BaseException as error:  # the batch as a whole failed: every call in it fails alike
             for waiting in batch:
                 if not waiting.future.done():

@@ -16,7 +16,7 @@ from typing import Protocol
 import asyncpg
 
 from metering import archive, errors, pagination, stats, validation
-from metering.batching import Batcher
+from metering.batching import Batcher, SplitBatch
 from metering.db import Database
 from metering.domain import (
     Account,
@@ -39,6 +39,11 @@ from metering.sql import QUERIES
 from metering.tiers import Tier, TierTable
 
 log = logging.getLogger(__name__)
+
+# How long a batch of calls waits on a row lock before it is split and each call waits alone: longer than
+# batches of one user take to follow each other under load, short enough that a lock held elsewhere (a stuck
+# transaction) delays the other users of its batch by no more than this.
+BATCH_LOCK_TIMEOUT = "250ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +186,8 @@ class MeteringCore:
                 break
             except _KeyTakenMeanwhile:
                 continue  # once more: the key is seen as taken now, and the batch's counts must not include it
+            except asyncpg.exceptions.LockNotAvailableError:
+                raise SplitBatch from None  # a lock held elsewhere: each call waits alone, not the batch
         else:
             raise RuntimeError("a reservation batch kept meeting keys taken meanwhile")
         for index, outcome in enumerate(outcomes):
@@ -212,6 +219,7 @@ class MeteringCore:
             sorted({new.project_id for new in batch}),
             [new.user_id for new in batch],
             [new.idempotency_key for new in batch],
+            BATCH_LOCK_TIMEOUT,
         ):
             if row["kind"] == "user":
                 used[row["id"]] = row["used"]
@@ -331,9 +339,12 @@ class MeteringCore:
             except errors.MeteringError as error:
                 return [error]
         moved: list[tuple[ExportStatus, Export]] = []
-        outcomes = await self._db.transaction(
-            lambda connection: self._complete_many(connection, batch, self._policy.now(), moved)
-        )
+        try:
+            outcomes = await self._db.transaction(
+                lambda connection: self._complete_many(connection, batch, self._policy.now(), moved)
+            )
+        except asyncpg.exceptions.LockNotAvailableError:
+            raise SplitBatch from None  # a lock held elsewhere: each call waits alone, not the batch
         # Reported after commit: a crash right here under-counts a metric, never the ledger.
         for outcome, old in moved:
             self._events.export_moved(outcome, old)
@@ -358,7 +369,7 @@ class MeteringCore:
         # every export that moves, and move its counts, in one statement.
         moved.clear()  # a retried transaction starts over
         ids = sorted({uuid.UUID(request.export_id) for request in batch})
-        locked = await connection.fetch(QUERIES["lock_exports_many"], ids)
+        locked = await connection.fetch(QUERIES["lock_exports_many"], ids, BATCH_LOCK_TIMEOUT)
         exports = {row["export_id"]: export_from_row(row) for row in locked}
         outcomes: list[Export | Exception] = []
         closing: list[tuple[int, CompleteRequest, Export]] = []

@@ -112,10 +112,13 @@ LEFT JOIN inserted ON true;
 -- order, so batches never wait in a circle), its users' tiers and which of its idempotency keys are taken.
 -- A key committed while the batch waited for a lock is missed here and found by reserve_many instead.
 -- $1 the batch's users (distinct), $2 day, $3 its projects (distinct), $4 user and $5 idempotency key of
--- each request. Rows: (kind, id, idempotency_key, used, tier) with kind user, project, tier or taken.
+-- each request, $6 the batch's lock_timeout (set before the first lock, for the whole transaction: a batch
+-- does not wait long on a lock; it is split and each call waits alone). Rows: (kind, id, idempotency_key,
+-- used, tier) with kind user, project, tier or taken.
 WITH daily AS (
     INSERT INTO daily_usage AS d (user_id, day, used)
-    SELECT u, $2, 0 FROM unnest($1::text[]) AS u ORDER BY u
+    SELECT u, $2, 0 FROM unnest($1::text[]) AS u WHERE set_config('lock_timeout', $6::text, true) IS NOT NULL
+    ORDER BY u
     ON CONFLICT (user_id, day) DO UPDATE SET used = d.used
     RETURNING user_id, used
 ), project AS (
@@ -288,8 +291,11 @@ SELECT false, old.*, old.status FROM old WHERE NOT EXISTS (SELECT FROM closed);
 
 -- name: lock_exports_many
 -- A batch of completions (metering/batching.py) starts here: its exports, locked in export_id order.
--- $1 export ids (distinct).
-SELECT * FROM exports WHERE export_id = ANY($1::uuid[]) ORDER BY export_id FOR UPDATE;
+-- $1 export ids (distinct), $2 the batch's lock_timeout (as in lock_reserve_many).
+SELECT * FROM exports
+WHERE export_id = ANY($1::uuid[]) AND set_config('lock_timeout', $2::text, true) IS NOT NULL
+ORDER BY export_id
+FOR UPDATE;
 
 -- name: complete_many
 -- The closing completions of a batch (exports locked by lock_exports_many) in one statement: the exports

@@ -220,13 +220,6 @@ async def test_a_call_cancelled_by_a_stopping_metering_reaches_the_renderers_cal
     assert not (tmp_path / "renders").exists() or not any((tmp_path / "renders").iterdir())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,  # the others' answers; anything else failing is a failure of the test
-    reason="batched reservations (metering/batching.py, at most 2 batches running) queue every user behind a "
-    "batch that waits on one user's locked day row: a stuck transaction stalls the whole replica. Remove this "
-    "marker once other users get through.",
-)
 async def test_a_stuck_lock_on_one_users_day_stalls_only_that_users_reservations(
     database_url: str, tmp_path: Path, processes: ProcessRegistry
 ) -> None:
