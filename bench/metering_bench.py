@@ -35,7 +35,7 @@ class MeteringSettings:
 
     @classmethod
     def quick(cls, **changes: Any) -> MeteringSettings:
-        return cls(**{"seconds": 1.0, "warmup_seconds": 0.5, "users": 1000, **changes})
+        return cls(**{"seconds": 0.8, "warmup_seconds": 0.3, "users": 1000, **changes})
 
 
 def _cpu_seconds(pid: int) -> float:
