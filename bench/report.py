@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.machine import describe
-
 
 def _check(ok: bool | None) -> str:
     return "-" if ok is None else ("met" if ok else "NOT met")
@@ -137,8 +135,14 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{lam['fan_out_median_s']:.2f} s | one invocation {lam['single_median_s']:.2f} s | "
             f"speedup {lam['speedup']} | reported |"
         )
-    machine = results.get("machine")
-    lines = ["\n".join(rows)]
-    if machine:
-        lines.append(f"\nMachine: {describe(machine)}. Command: `{results.get('command', 'python -m bench')}`.")
+    lines = ["\n".join(rows), ""]
+    for piece in ("metering", "stats", "render", "lambda"):
+        figures = results.get(piece)
+        if not figures or "machine" not in figures:
+            continue
+        load = " ".join(f"{value:.2f}" for value in figures.get("load_average_before", []))
+        lines.append(
+            f"- {piece}: `{figures.get('command', 'python -m bench')}`, finished {figures.get('measured_at', '?')}, "
+            f"{figures['machine']['cores']} cores ({figures['machine']['cpu_model']}), load average {load} before"
+        )
     return "\n".join(lines)
