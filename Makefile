@@ -33,6 +33,7 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	sh bench/ensure_pgbench.sh
 	$(PY) -m bench
 
 clean:
