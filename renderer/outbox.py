@@ -78,7 +78,7 @@ class Outbox:
     async def submit(self, completion: Completion) -> bool:
         """Persist, then try to deliver at once. True when metering acknowledged it now."""
         payload = json.dumps(dataclasses.asdict(completion))
-        # Not due for the drain loop while this first attempt runs; due at once after a crash and restart.
+        # Not due for the drain loop while this first attempt runs; after a crash, due once the grace has passed.
         await self._run(
             "INSERT OR IGNORE INTO pending_completions (export_id, payload, next_attempt_at) VALUES (?, ?, ?)",
             (completion.export_id, payload, time.time() + _FIRST_ATTEMPT_GRACE_SECONDS),
