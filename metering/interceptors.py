@@ -17,25 +17,18 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from metering import errors
 from metering.auth import METERING_ACCESS, AuthInterceptor, TokenTable
+from metering.decoding import RefuseUndecodable
 from metering.logs import request_id, request_id_from
 
 log = logging.getLogger("metering.rpc")
 
 METERING_SERVICE = "exportapi.metering.v1.Metering"
 ERROR_DOMAIN = "metering.exportapi"
-
-
-class _Malformed:
-    """Stands in for a request whose bytes did not parse, so the handler can refuse it by name."""
-
-
-MALFORMED = _Malformed()
 
 
 def _packed(message: Any) -> any_pb2.Any:
@@ -115,19 +108,6 @@ def _quota_details(error: errors.QuotaExceeded) -> list[Any]:
     ]
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserializer is None:
-        return None
-
-    def parse(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except DecodeError:
-            return MALFORMED
-
-    return parse
-
-
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Maps domain errors of every unary Metering RPC to status codes, and logs one line per call."""
 
@@ -150,8 +130,6 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             request_id.set(request_id_from(context.invocation_metadata()))  # this call's task only
             try:
-                if request is MALFORMED:
-                    raise errors.InvalidArgument("request", f"is not a valid {rpc} request message")
                 response = await behaviour(request, context)
             except errors.MeteringError as error:
                 status = status_for(error)
@@ -171,7 +149,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
-            request_deserializer=_tolerant(handler.request_deserializer),
+            request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
@@ -189,5 +167,6 @@ def interceptor_chain(tokens: TokenTable | None = None) -> list[grpc.aio.ServerI
     chain: list[grpc.aio.ServerInterceptor] = []
     if tokens is not None:
         chain.append(AuthInterceptor(tokens, METERING_ACCESS))
+    chain.append(RefuseUndecodable())
     chain.append(StatusInterceptor())
     return chain

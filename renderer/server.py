@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from exportapi.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from metering.auth import RENDERER_ACCESS, AuthInterceptor
+from metering.decoding import RefuseUndecodable
 from renderer import metrics
 from renderer.config import ConfigError, RendererConfig, is_loopback, require_auth_beyond_loopback
 from renderer.domain import RenderBackend, RenderMode
@@ -106,7 +107,7 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
     interceptors: list[grpc.aio.ServerInterceptor] = [metrics.MetricsInterceptor([SERVICE])]
     if config.auth is not None:
         interceptors.append(AuthInterceptor(config.auth, RENDERER_ACCESS))
-    interceptors.append(_tolerant_decoding())
+    interceptors.append(RefuseUndecodable())
     server = grpc.aio.server(interceptors=interceptors)
     renderer_pb2_grpc.add_RendererServicer_to_server(_servicer(runner), server)
     health_servicer = health.aio.HealthServicer()
@@ -153,12 +154,6 @@ def _record_transition(job: Job, previous: JobState | None) -> None:
         metrics.JOBS_IN_PROGRESS.labels(job.mode.value).dec()
     if job.state.terminal:
         metrics.observe_render(job.mode, job.format, job.state, job.render_seconds)
-
-
-def _tolerant_decoding() -> grpc.aio.ServerInterceptor:
-    from renderer.servicer import TolerantDecoding
-
-    return TolerantDecoding(SERVICE_NAME)
 
 
 def _servicer(runner: JobRunner) -> renderer_pb2_grpc.RendererServicer:

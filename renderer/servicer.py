@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from exportapi.renderer.v1 import renderer_pb2_grpc
 from metering.logs import request_id, request_id_from
@@ -47,60 +46,6 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> NoRetur
     raise AssertionError("unreachable")
 
 
-class _Undecodable:
-    """Stands in for request bytes that are not a valid message, so the servicer refuses them by name."""
-
-
-UNDECODABLE = _Undecodable()
-
-
-def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except DecodeError:
-            return UNDECODABLE
-
-    return parse
-
-
-class TolerantDecoding(grpc.aio.ServerInterceptor):
-    """Request bytes that do not parse reach the servicer as `UNDECODABLE` (then INVALID_ARGUMENT) instead of
-    failing inside gRPC, which would answer UNKNOWN."""
-
-    def __init__(self, service: str) -> None:
-        self._prefix = f"/{service}/"
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if (
-            handler is None
-            or handler.request_deserializer is None
-            or not handler_call_details.method.startswith(self._prefix)
-        ):
-            return handler
-        parse, serializer = _tolerant(handler.request_deserializer), handler.response_serializer
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                handler.unary_unary, request_deserializer=parse, response_serializer=serializer
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                handler.unary_stream, request_deserializer=parse, response_serializer=serializer
-            )
-        return handler  # no client-streaming RPCs here
-
-
-def _refuse_undecodable(request: Any, method: Callable[..., Any]) -> None:
-    if request is UNDECODABLE:
-        raise InvalidArgument("request", f"is not a valid {method.__name__} request message")
-
-
-
 def _mapped(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wraps a unary or server-streaming method: request id in context, domain errors to status codes."""
     if inspect.isasyncgenfunction(method):
@@ -109,7 +54,6 @@ def _mapped(method: Callable[..., Any]) -> Callable[..., Any]:
         async def streaming(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             token = request_id.set(request_id_from(context.invocation_metadata()))
             try:
-                _refuse_undecodable(request, method)
                 async for item in method(self, request, context):
                     yield item
             except Exception as error:
@@ -123,7 +67,6 @@ def _mapped(method: Callable[..., Any]) -> Callable[..., Any]:
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         token = request_id.set(request_id_from(context.invocation_metadata()))
         try:
-            _refuse_undecodable(request, method)
             return await method(self, request, context)
         except Exception as error:
             await _abort(context, error)
