@@ -143,7 +143,6 @@ class MeteringServer:
         timeout = max(0.5, min(self.config.health_probe_seconds, 5.0))
         try:
             await self.core.ping(timeout)
-            metrics.set_reservations_in_flight(await self.core.count_in_flight())
             serving = True
         except (errors.Unavailable, TimeoutError, OSError) as error:
             serving = False
@@ -157,15 +156,16 @@ class MeteringServer:
             for service in ("", METERING_SERVICE):
                 await self._health.set(service, _SERVING if serving else _NOT_SERVING)
         if serving:
-            await self._count_near_limit()
+            await self._refresh_gauges()
 
-    async def _count_near_limit(self) -> None:
+    async def _refresh_gauges(self) -> None:
         # Apart from the health check: a count that fails or is slow must not turn the service NOT_SERVING.
         assert self.core is not None
         try:
+            metrics.set_reservations_in_flight(await self.core.count_in_flight())
             metrics.set_users_near_limit(await self.core.count_near_limit())
         except Exception as error:
-            log.warning("could not count the users near their daily limit", extra={"error": repr(error)})
+            log.warning("could not refresh the ledger gauges", extra={"error": repr(error)})
 
     async def _probe_forever(self) -> None:
         while True:
