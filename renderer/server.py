@@ -52,11 +52,11 @@ class RunningRenderer:
         await self.runner.shutdown(grace_seconds)
         with contextlib.suppress(asyncio.CancelledError):
             await self.health_task
-        await self.outbox.close()
-        await self.metering.close()
         if self.stop_metrics is not None:
             self.stop_metrics()
-            metrics.set_outbox(0, 0)  # the gauges read the outbox at scrape time; it is closed now
+            metrics.set_outbox(0, 0)  # the gauges read the outbox at scrape time; it closes next
+        await self.outbox.close()
+        await self.metering.close()
 
 
 def build_backends(config: RendererConfig) -> dict[RenderMode, RenderBackend]:
