@@ -393,10 +393,13 @@ class JobRunner:
     def _update(self, entry: _Entry, **changes: object) -> None:
         previous = entry.job.state
         entry.job = dataclasses.replace(entry.job, updated_at=self._clock(), **changes)  # type: ignore[arg-type]
-        if entry.job.state is not previous and self._on_transition is not None:
-            self._on_transition(entry.job, previous)
-        for queue in entry.watchers:
+        for queue in entry.watchers:  # first: a failing observer must not leave a watcher waiting forever
             queue.put_nowait(entry.job)
+        if entry.job.state is not previous and self._on_transition is not None:
+            try:
+                self._on_transition(entry.job, previous)
+            except Exception:
+                log.exception("job observer failed", extra={"job_id": entry.job.job_id})
 
     def _retire(self, job_id: str) -> None:
         self._finished[job_id] = None
