@@ -7,6 +7,7 @@ from exportapi.renderer.v1 import renderer_pb2
 from renderer.domain import AudioLayer, Clip, Composition, OutputFormat, RenderMode, TextLayer
 from renderer.errors import InvalidArgument
 from renderer.jobs import Job, JobState, RenderRequest
+from renderer.validation import apply_proto_defaults
 
 MAX_ID_CHARS = 128
 
@@ -55,30 +56,24 @@ def render_request(message: renderer_pb2.StartRenderRequest) -> RenderRequest:
 
 
 def composition(message: renderer_pb2.Composition) -> Composition:
-    return Composition(
-        width=message.width,
-        height=message.height,
-        fps=message.fps,
-        duration_seconds=message.duration_seconds,
-        background=message.background or "black",
-        clips=tuple(
-            Clip(source=c.source, start=c.start, trim_start=c.trim_start, duration=c.duration) for c in message.clips
-        ),
-        texts=tuple(
-            TextLayer(
-                text=t.text,
-                start=t.start,
-                end=t.end,
-                x=t.x,
-                y=t.y,
-                font_size=t.font_size or 48,
-                color=t.color or "white",
-            )
-            for t in message.texts
-        ),
-        audio=tuple(
-            AudioLayer(source=a.source, start=a.start, volume=a.volume if a.volume else 1.0) for a in message.audio
-        ),
+    """The proto's zero values ("0 means 48", "empty means white", ...) become defaults in one place."""
+    return apply_proto_defaults(
+        Composition(
+            width=message.width,
+            height=message.height,
+            fps=message.fps,
+            duration_seconds=message.duration_seconds,
+            background=message.background,
+            clips=tuple(
+                Clip(source=c.source, start=c.start, trim_start=c.trim_start, duration=c.duration)
+                for c in message.clips
+            ),
+            texts=tuple(
+                TextLayer(text=t.text, start=t.start, end=t.end, x=t.x, y=t.y, font_size=t.font_size, color=t.color)
+                for t in message.texts
+            ),
+            audio=tuple(AudioLayer(source=a.source, start=a.start, volume=a.volume) for a in message.audio),
+        )
     )
 
 
