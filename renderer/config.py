@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from metering.auth import RENDERER_ROLES, AuthConfigError, ClientTls, ServerTls, TokenTable, read_pem
+from metering.config import is_loopback as is_loopback_host
 from renderer.domain import RenderMode
 from renderer.sources import parse_asset_roots, parse_buckets
 
@@ -179,10 +179,5 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float)
 
 
 def is_loopback(listen: str) -> bool:
-    host = listen.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:  # an address, not a name: "127.example.com" resolves wherever its owner likes
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """`listen` is host:port; the host must be a loopback address (or localhost), never a name that resolves."""
+    return is_loopback_host(listen.rpartition(":")[0].strip("[]"))
