@@ -78,17 +78,25 @@ def _final_code(context: grpc.aio.ServicerContext, error: BaseException | None) 
     return grpc.StatusCode.UNKNOWN
 
 
-class _Recorder:
+class MethodRecorder:
+    """The series of one method, looked up once: `.labels()` on every call costs more than the increment."""
+
     def __init__(self, handled: Counter, seconds: Histogram, service: str, method: str) -> None:
         self._handled = handled
-        self._seconds = seconds
         self._service = service
         self._method = method
+        self._seconds = seconds.labels(service, method)
+        self._by_code: dict[grpc.StatusCode, Any] = {}
+
+    def record(self, elapsed: float, code: grpc.StatusCode) -> None:
+        self._seconds.observe(elapsed)
+        counter = self._by_code.get(code)
+        if counter is None:
+            counter = self._by_code[code] = self._handled.labels(self._service, self._method, code.name)
+        counter.inc()
 
     def done(self, started: float, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
-        self._seconds.labels(self._service, self._method).observe(time.perf_counter() - started)
-        code = _final_code(context, error)
-        self._handled.labels(self._service, self._method, code.name).inc()
+        self.record(time.perf_counter() - started, _final_code(context, error))
 
     def wrap_unary_response(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -141,10 +149,19 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         appears with value 1 looks like no increase at all."""
         self._handled = handled
         self._seconds = seconds
+        self._recorders: dict[str, MethodRecorder] = {}
         for service in services:
             for method in service.methods:
                 for code in PREINITIALIZED_CODES:
                     handled.labels(service.full_name, method.name, code.name)
+
+    def recorder(self, full_method: str) -> MethodRecorder:
+        """The recorder of one method (made on its first call; unknown methods never get here)."""
+        recorder = self._recorders.get(full_method)
+        if recorder is None:
+            recorder = MethodRecorder(self._handled, self._seconds, *_split_method(full_method))
+            self._recorders[full_method] = recorder
+        return recorder
 
     async def intercept_service(
         self,
@@ -154,7 +171,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED; not worth a series per typo
             return None
-        recorder = _Recorder(self._handled, self._seconds, *_split_method(handler_call_details.method))
+        recorder = self.recorder(handler_call_details.method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 recorder.wrap_unary_response(handler.unary_unary),

@@ -113,13 +113,21 @@ def record_denial(tier: str, reason: str) -> None:
     DENIALS.labels(_label(tier), _checked("reason", reason, DENIAL_REASONS)).inc()
 
 
+_export_series: dict[tuple[object, object, object], Counter] = {}  # checked once per distinct argument triple
+
+
 def record_export_transition(status: object, mode: object, format: object) -> None:
     """An export entered `status` (call once per transition, after the transaction committed)."""
-    EXPORTS.labels(
-        _checked("status", status, EXPORT_STATUSES),
-        _checked("mode", mode, RENDER_MODES),
-        _checked("format", format, FORMATS),
-    ).inc()
+    key = (status, mode, format)
+    series = _export_series.get(key)
+    if series is None:
+        series = EXPORTS.labels(
+            _checked("status", status, EXPORT_STATUSES),
+            _checked("mode", mode, RENDER_MODES),
+            _checked("format", format, FORMATS),
+        )
+        _export_series[key] = series
+    series.inc()
 
 
 def record_reservations_expired(count: int) -> None:
