@@ -212,7 +212,7 @@ RENDERER_ROLES = RENDERER_ACCESS.roles
 
 
 @dataclass(frozen=True, slots=True)
-class _Refusal:
+class Refusal:
     code: grpc.StatusCode
     message: str  # to the caller
     reason: str  # to the log; never the token
@@ -235,25 +235,38 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or self._policy.is_public(method):
             return handler
-        role = self._authenticate(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
-        if isinstance(role, _Refusal):
-            return _refusing(handler, role, method, None)
+        role, decision = self.authorize(method, handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+        if decision is None:
+            return handler
+        if isinstance(decision, RequestCheck):
+            assert role is not None
+            return _checking(handler, decision, method, role)
+        return _refusing(handler, decision, method, role)
+
+    def authorize(
+        self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None
+    ) -> tuple[str | None, Refusal | RequestCheck | None]:
+        """The caller's role (None when it has none) and the verdict on a call of a non-public `method`:
+        None (allowed), a `RequestCheck` the decoded request must pass, or a `Refusal`."""
+        role = self._authenticate(metadata)
+        if isinstance(role, Refusal):
+            return None, role
         rule = self._policy.rule(method)
         if rule is not None and role in rule.roles:
-            return handler
+            return role, None
         check = rule.checked.get(role) if rule is not None else None
         if check is not None:
-            return _checking(handler, check, method, role)
-        refusal = _Refusal(
+            return role, check
+        refusal = Refusal(
             grpc.StatusCode.PERMISSION_DENIED, f"the {role} role may not call {_short(method)}", "role not allowed"
         )
-        return _refusing(handler, refusal, method, role)
+        return role, refusal
 
-    def _authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | _Refusal:
+    def _authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | Refusal:
         """The caller's role, or why it has none."""
         values = [value for key, value in metadata or () if key == "authorization"]
         if not values:
-            return _Refusal(
+            return Refusal(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing credentials: send the metadata authorization: Bearer <token>",
                 "no authorization metadata",
@@ -261,22 +274,27 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         scheme, _, token = values[0].partition(" ") if isinstance(values[0], str) else ("", "", "")
         token = token.strip()
         if len(values) > 1 or scheme.lower() != "bearer" or not token:
-            return _Refusal(
+            return Refusal(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "malformed credentials: expected one authorization: Bearer <token>",
                 "malformed authorization metadata",
             )
         role = self._tokens.role_of(token)
         if role is None:
-            return _Refusal(grpc.StatusCode.UNAUTHENTICATED, "invalid credentials", "unknown token")
+            return Refusal(grpc.StatusCode.UNAUTHENTICATED, "invalid credentials", "unknown token")
         return role
+
+
+def refusal_of(check: RequestCheck) -> Refusal:
+    """The refusal of a request that `check` does not allow."""
+    return Refusal(grpc.StatusCode.PERMISSION_DENIED, check.refusal, "request not allowed for role")
 
 
 def _short(method: str) -> str:
     return method.rpartition("/")[2] or method
 
 
-def _log_refusal(context: grpc.aio.ServicerContext, refusal: _Refusal, method: str, role: str | None) -> None:
+def log_refusal(context: grpc.aio.ServicerContext, refusal: Refusal, method: str, role: str | None) -> None:
     fields = {"rpc": method, "code": refusal.code.name, "reason": refusal.reason, "peer": context.peer()}
     if role is not None:
         fields["role"] = role
@@ -284,16 +302,16 @@ def _log_refusal(context: grpc.aio.ServicerContext, refusal: _Refusal, method: s
 
 
 def _refusing(
-    handler: grpc.RpcMethodHandler, refusal: _Refusal, method: str, role: str | None
+    handler: grpc.RpcMethodHandler, refusal: Refusal, method: str, role: str | None
 ) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that refuses without decoding the request."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        _log_refusal(context, refusal, method, role)
+        log_refusal(context, refusal, method, role)
         await context.abort(refusal.code, refusal.message)
 
     async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        _log_refusal(context, refusal, method, role)
+        log_refusal(context, refusal, method, role)
         await context.abort(refusal.code, refusal.message)
         yield  # pragma: no cover - abort raises
 
@@ -311,14 +329,14 @@ def _refusing(
 def _checking(handler: grpc.RpcMethodHandler, check: RequestCheck, method: str, role: str) -> grpc.RpcMethodHandler:
     """`handler`, but refusing requests `check` does not allow. Client-streaming methods have no single
     request to look at, so a checked role is refused there (fail closed)."""
-    refusal = _Refusal(grpc.StatusCode.PERMISSION_DENIED, check.refusal, "request not allowed for role")
+    refusal = refusal_of(check)
     deserializer, serializer = handler.request_deserializer, handler.response_serializer
     if handler.unary_unary is not None:
         inner = handler.unary_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if not check.allows(request):
-                _log_refusal(context, refusal, method, role)
+                log_refusal(context, refusal, method, role)
                 await context.abort(refusal.code, refusal.message)
             return await inner(request, context)
 
@@ -330,7 +348,7 @@ def _checking(handler: grpc.RpcMethodHandler, check: RequestCheck, method: str, 
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if not check.allows(request):
-                _log_refusal(context, refusal, method, role)
+                log_refusal(context, refusal, method, role)
                 await context.abort(refusal.code, refusal.message)
             answer = inner_stream(request, context)
             if inspect.isasyncgen(answer):

@@ -15,17 +15,21 @@ class _Undecodable:
     """Stands in for request bytes that did not parse, so the call is refused by name."""
 
 
-_UNDECODABLE = _Undecodable()
+UNDECODABLE = _Undecodable()
 
 
-def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+def tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         try:
             return deserializer(data)
         except DecodeError:
-            return _UNDECODABLE
+            return UNDECODABLE
 
     return parse
+
+
+def undecodable_message(full_method: str) -> str:
+    return f"request: is not a valid {full_method.rsplit('/', 1)[-1]} request message"
 
 
 class RefuseUndecodable(grpc.aio.ServerInterceptor):
@@ -39,13 +43,13 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        message = f"request: is not a valid {handler_call_details.method.rsplit('/', 1)[-1]} request message"
-        parse, serializer = _tolerant(handler.request_deserializer), handler.response_serializer
+        message = undecodable_message(handler_call_details.method)
+        parse, serializer = tolerant(handler.request_deserializer), handler.response_serializer
         if handler.unary_unary is not None:
             behaviour = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if request is _UNDECODABLE:
+                if request is UNDECODABLE:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
                 return await behaviour(request, context)
 
@@ -57,7 +61,7 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
             if inspect.isasyncgenfunction(streaming):
 
                 async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                    if request is _UNDECODABLE:
+                    if request is UNDECODABLE:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
                     async for item in streaming(request, context):
                         yield item
@@ -66,7 +70,7 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
             else:  # a coroutine that answers with context.write() (grpc's health Watch)
 
                 async def writer(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                    if request is _UNDECODABLE:
+                    if request is UNDECODABLE:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
                     return await streaming(request, context)
 

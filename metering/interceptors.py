@@ -1,9 +1,16 @@
-"""The server's interceptor chain, and the one place where domain errors become gRPC status codes.
+"""The server's interceptors, and the one place where domain errors become gRPC status codes.
 
-Every Metering RPC passes through `StatusInterceptor`: a `MeteringError` becomes its status code with
+Every unary Metering RPC passes through `_unary_pipeline`: a `MeteringError` becomes its status code with
 google.rpc details; a request that is not even valid protobuf becomes INVALID_ARGUMENT; anything else
-is a bug, logged with its traceback and answered INTERNAL without internals. Authentication
-(`metering.auth.AuthInterceptor`) goes in front of it in `interceptor_chain`.
+is a bug, logged with its traceback and answered INTERNAL without internals; and each call gets one log
+line (`rpc`, `code`, `ms`, the request id, and the user_id / export_id it concerns when known).
+
+The server installs one interceptor, `MeteringInterceptor`: for a unary Metering method it builds, on the
+method's first call, a single wrapper that does, in this order, what four stacked interceptors did (metrics
+with the final code, authentication before the request bytes are parsed, refusal of undecodable bytes,
+status mapping and the log line), and reuses it for every later call. Other services (health, reflection)
+go through the separate interceptors, in the same order. `interceptor_chain` is the same thing as separate
+interceptors (authentication, undecodable refusal, `StatusInterceptor`), to put behind a MetricsInterceptor.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from exportapi.metering.v1 import metering_pb2
 from metering import errors
-from metering.auth import METERING_ACCESS, AuthInterceptor, TokenTable
-from metering.decoding import RefuseUndecodable
+from metering.auth import METERING_ACCESS, AuthInterceptor, Refusal, RequestCheck, TokenTable, log_refusal, refusal_of
+from metering.decoding import UNDECODABLE, RefuseUndecodable, tolerant, undecodable_message
+from metering.grpc_metrics import MethodRecorder, MetricsInterceptor, _final_code
 from metering.logs import request_id, request_id_from
 
 log = logging.getLogger("metering.rpc")
@@ -108,32 +117,101 @@ def _quota_details(error: errors.QuotaExceeded) -> list[Any]:
     ]
 
 
-class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors of every unary Metering RPC to status codes, and logs one line per call."""
+# The fields of a call's log line that say what it was about, when the request or the response names them.
+_CALL_FIELDS = ("user_id", "export_id")
+_MAX_LOGGED_ID = 256  # identifiers are validated later; a hostile one must not make a huge log line
+_METHODS = metering_pb2.DESCRIPTOR.services_by_name["Metering"].methods_by_name
 
-    def __init__(self, service: str = METERING_SERVICE) -> None:
-        self._prefix = f"/{service}/"
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not method.startswith(self._prefix):
-            return handler
-        behaviour = handler.unary_unary
-        rpc = method.removeprefix(self._prefix)
+def _describer(rpc: str) -> Callable[[Any, Any], dict[str, Any]]:
+    """(request, response or None) -> the user_id / export_id of a call of `rpc`, from the request, else from the
+    response (CheckAndReserve's export_id, Complete's export.user_id)."""
+    method = _METHODS.get(rpc)
+    if method is None:
+        return lambda request, response: {}
+    in_request = tuple(name for name in _CALL_FIELDS if name in method.input_type.fields_by_name)
+    output = method.output_type.fields_by_name
+    nested = output["export"].message_type.fields_by_name if "export" in output else {}
+    in_response = tuple(
+        (name, name in output) for name in _CALL_FIELDS if name not in in_request and (name in output or name in nested)
+    )
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            request_id.set(request_id_from(context.invocation_metadata()))  # this call's task only
+    def describe(request: Any, response: Any) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        if request is UNDECODABLE or isinstance(request, bytes):
+            return fields
+        for name in in_request:
+            value = getattr(request, name)
+            if value:
+                fields[name] = value[:_MAX_LOGGED_ID]
+        if response is not None:
+            for name, top_level in in_response:
+                value = getattr(response if top_level else response.export, name)
+                if value:
+                    fields[name] = value
+        return fields
+
+    return describe
+
+
+def _log_call(rpc: str, code: str, started: float, fields: dict[str, Any], detail: str = "") -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    fields["rpc"] = rpc
+    fields["code"] = code
+    fields["ms"] = round((time.perf_counter() - started) * 1000, 2)
+    if detail:
+        fields["detail"] = detail
+    log.info("rpc", extra=fields)
+
+
+def _unary_pipeline(
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    *,
+    recorder: MethodRecorder | None = None,
+    auth: AuthInterceptor | None = None,
+    parse_here: bool = False,
+) -> grpc.RpcMethodHandler:
+    """One unary Metering method's handler wrapped in everything a call passes through. With `parse_here`,
+    gRPC hands over the raw bytes and they are parsed after authentication (never for a refused caller)."""
+    behaviour = handler.unary_unary
+    rpc = method.rpartition("/")[2]
+    describe = _describer(rpc)
+    deserializer = handler.request_deserializer
+    parse = tolerant(deserializer) if parse_here and deserializer is not None else None
+    undecodable = undecodable_message(method)
+    perf_counter = time.perf_counter
+
+    async def pipeline(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = perf_counter()
+        metadata = context.invocation_metadata()
+        request_id.set(request_id_from(metadata))  # this call's task only
+        try:
+            fields: dict[str, Any] = {}
             try:
+                check: RequestCheck | None = None
+                role: str | None = None
+                if auth is not None:
+                    role, decision = auth.authorize(method, metadata)
+                    if isinstance(decision, Refusal):
+                        log_refusal(context, decision, method, role)
+                        await context.abort(decision.code, decision.message)
+                    check = decision
+                if parse is not None:
+                    request = parse(request)
+                if check is not None and not check.allows(request):
+                    refusal = refusal_of(check)
+                    log_refusal(context, refusal, method, role)
+                    await context.abort(refusal.code, refusal.message)
+                if request is UNDECODABLE:
+                    _log_call(rpc, "INVALID_ARGUMENT", started, fields, undecodable)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable)
+                fields = describe(request, None)
                 response = await behaviour(request, context)
             except errors.MeteringError as error:
                 status = status_for(error)
-                _log_call(rpc, code_pb2.Code.Name(status.code), started, error.message)
+                _log_call(rpc, code_pb2.Code.Name(status.code), started, fields, error.message)
                 grpc_status = rpc_status.to_status(status)
                 await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
             except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -144,26 +222,107 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(
                     grpc.StatusCode.INTERNAL, f"internal error in metering (log reference {reference})"
                 )
-            _log_call(rpc, "OK", started)
-            return response
+        except BaseException as error:
+            if recorder is not None:
+                recorder.record(perf_counter() - started, _final_code(context, error))
+            raise
+        _log_call(rpc, "OK", started, describe(request, response))
+        if recorder is not None:
+            recorder.record(perf_counter() - started, _final_code(context, None))
+        return response
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+    return grpc.unary_unary_rpc_method_handler(
+        pipeline,
+        request_deserializer=None if parse is not None else deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
-def _log_call(rpc: str, code: str, started: float, detail: str = "") -> None:
-    fields = {"rpc": rpc, "code": code, "ms": round((time.perf_counter() - started) * 1000, 2)}
-    if detail:
-        fields["detail"] = detail
-    log.info("rpc", extra=fields)
+async def _given(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+    return handler
+
+
+class _Cache:
+    """Wrapped handlers by method name, valid while the server hands out the same inner handler."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
+        known = self._wrapped.get(method)
+        return known[1] if known is not None and known[0] is handler else None
+
+    def put(self, method: str, handler: grpc.RpcMethodHandler, wrapped: grpc.RpcMethodHandler) -> None:
+        self._wrapped[method] = (handler, wrapped)
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain errors of every unary Metering RPC to status codes, and logs one line per call."""
+
+    def __init__(self, service: str = METERING_SERVICE) -> None:
+        self._prefix = f"/{service}/"
+        self._cache = _Cache()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not method.startswith(self._prefix):
+            return handler
+        wrapped = self._cache.get(method, handler)
+        if wrapped is None:
+            wrapped = _unary_pipeline(handler, method)
+            self._cache.put(method, handler, wrapped)
+        return wrapped
+
+
+class MeteringInterceptor(grpc.aio.ServerInterceptor):
+    """The metering server's only interceptor (see the module's docstring): metrics, authentication
+    (`tokens`; None: none), undecodable refusal, status mapping and the log line, one wrapper per call."""
+
+    def __init__(self, tokens: TokenTable | None = None, *, metrics: MetricsInterceptor) -> None:
+        self._prefix = f"/{METERING_SERVICE}/"
+        self._metrics = metrics
+        self._auth = AuthInterceptor(tokens, METERING_ACCESS) if tokens is not None else None
+        # For every other call: the separate interceptors, innermost first.
+        self._others: list[grpc.aio.ServerInterceptor] = [RefuseUndecodable()]
+        if self._auth is not None:
+            self._others.append(self._auth)
+        self._others.append(metrics)
+        self._cache = _Cache()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        wrapped = self._cache.get(method, handler)
+        if wrapped is not None:
+            return wrapped
+        if handler.unary_unary is not None and method.startswith(self._prefix):
+            wrapped = _unary_pipeline(
+                handler, method, recorder=self._metrics.recorder(method), auth=self._auth, parse_here=True
+            )
+            self._cache.put(method, handler, wrapped)
+            return wrapped
+        for interceptor in self._others:
+            handler = await interceptor.intercept_service(lambda _, inner=handler: _given(inner), handler_call_details)
+            if handler is None:
+                return None
+        return handler
 
 
 def interceptor_chain(tokens: TokenTable | None = None) -> list[grpc.aio.ServerInterceptor]:
-    """Outermost first. Authentication (METERING_AUTH_TOKENS; None: none) goes before the status mapping
-    so that its refusals are not rewritten, and so that nothing runs for a caller it refuses."""
+    """Outermost first, to put behind a MetricsInterceptor. Authentication (METERING_AUTH_TOKENS; None: none)
+    goes before the status mapping so that its refusals are not rewritten, and so that nothing runs for a
+    caller it refuses."""
     chain: list[grpc.aio.ServerInterceptor] = []
     if tokens is not None:
         chain.append(AuthInterceptor(tokens, METERING_ACCESS))

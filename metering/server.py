@@ -22,7 +22,7 @@ from metering import db, errors, metrics, migrate
 from metering.config import Config, is_loopback
 from metering.core import MeteringCore
 from metering.domain import Export, ExportStatus
-from metering.interceptors import METERING_SERVICE, interceptor_chain
+from metering.interceptors import METERING_SERVICE, MeteringInterceptor
 from metering.quota import Clock, QuotaPolicy, system_clock
 from metering.servicer import MeteringServicer
 
@@ -108,9 +108,10 @@ class MeteringServer:
 
     async def _start_grpc(self) -> None:
         # SO_REUSEPORT off: a second server on a taken port must fail, not share it silently.
-        # The metrics interceptor goes first (outermost) so it records the codes the error mapping produced.
+        # One interceptor: metrics (recording the codes the error mapping produced), auth, undecodable refusal,
+        # status mapping and the log line, in one wrapper per Metering method (metering/interceptors.py).
         server = grpc.aio.server(
-            interceptors=[metrics.MetricsInterceptor([_SERVICE]), *interceptor_chain(self.config.auth)],
+            interceptors=[MeteringInterceptor(self.config.auth, metrics=metrics.MetricsInterceptor([_SERVICE]))],
             options=[("grpc.so_reuseport", 0)],
         )
         assert self.core is not None
