@@ -123,7 +123,7 @@ class MeteringCore:
         if row["export_id"] is not None:
             export = export_from_row(row)
             used = row["used"] + 1
-            log.info(
+            log.debug(  # the call's own "rpc" line names the export at INFO
                 "export reserved",
                 extra={"export_id": export.export_id, "user_id": new.user_id, "used": used, "tier": tier.name},
             )
@@ -281,7 +281,7 @@ class MeteringCore:
             user_id = row["user_id"]
             in_flight[user_id] = in_flight.get(user_id, row["in_flight_before"]) + 1
             export = export_from_row(row)
-            log.info(
+            log.debug(  # the call's own "rpc" line names the export at INFO
                 "export reserved",
                 extra={"export_id": export.export_id, "user_id": user_id, "used": used_now, "tier": tier.name},
             )
@@ -348,7 +348,8 @@ class MeteringCore:
         # Reported after commit: a crash right here under-counts a metric, never the ledger.
         for outcome, old in moved:
             self._events.export_moved(outcome, old)
-            log.info(
+            log.log(
+                logging.INFO if old.status is ExportStatus.EXPIRED else logging.DEBUG,  # late ones at INFO
                 "export closed",
                 extra={
                     "export_id": old.export_id,
@@ -450,13 +451,11 @@ class MeteringCore:
         # Reported after commit (the statement is its own transaction): a crash right here under-counts a
         # metric, never the ledger.
         self._events.export_moved(request.outcome, export)
-        log.info(
+        late = row["previous_status"] == ExportStatus.EXPIRED.value
+        log.log(
+            logging.INFO if late else logging.DEBUG,  # late ones at INFO; the call's "rpc" line names the rest
             "export closed",
-            extra={
-                "export_id": export.export_id,
-                "outcome": request.outcome.value,
-                "late": row["previous_status"] == ExportStatus.EXPIRED.value,
-            },
+            extra={"export_id": export.export_id, "outcome": request.outcome.value, "late": late},
         )
         return export
 
