@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -36,12 +36,16 @@ _MODE_TO_PROTO = {RenderMode.LOCAL: pb.RENDER_MODE_LOCAL, RenderMode.LAMBDA: pb.
 _MODE_FROM_PROTO = {number: mode for mode, number in _MODE_TO_PROTO.items()}
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAIVE_EPOCH = datetime(1970, 1, 1)  # a naive datetime is UTC, as Timestamp.FromDatetime takes it
+
+
 def timestamp(moment: datetime | None) -> Timestamp | None:
     if moment is None:
         return None
-    message = Timestamp()
-    message.FromDatetime(moment)
-    return message
+    # What FromDatetime computes, without its generic path (a third of the time).
+    since = moment - (_NAIVE_EPOCH if moment.tzinfo is None else _EPOCH)
+    return Timestamp(seconds=since.days * 86400 + since.seconds, nanos=since.microseconds * 1000)
 
 
 # --- requests -------------------------------------------------------------------------------------------
