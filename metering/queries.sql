@@ -489,10 +489,10 @@ WHERE day BETWEEN $1 AND $2
 GROUP BY day, format;
 
 -- name: near_limit_users
--- Users near their daily limit on day $1: today's users come from the rollup (its primary key starts with
--- the day, and every export adds to its user's daily_usage row and its rollup row of the same day), their
--- count from daily_usage, their tier from accounts. $2 user or NULL; $3 project or NULL (users who exported
--- in it that day). The tier table comes as parallel arrays: $4 names, $5 daily limits (NULL: none), $6 the
+-- Users near their daily limit on day $1: today's users come from the export counters (or, narrowed to a
+-- project, from its rollup rows of the day; every export adds to its user's daily_usage row, its counter and
+-- its rollup row of the same day), their count from daily_usage, their tier from accounts. $2 user or NULL;
+-- $3 project or NULL (users who exported in it that day). The tier table comes as parallel arrays: $4 names, $5 daily limits (NULL: none), $6 the
 -- count from which a user of that tier is near the limit; $7 the tier of a user without an account or on a
 -- tier no longer configured; $8 how many users to list.
 -- Rows: the $8 most used users (tier_count NULL), then one row per tier with its number of such users
@@ -500,11 +500,14 @@ GROUP BY day, format;
 WITH tiers AS (
     SELECT * FROM unnest($4::text[], $5::bigint[], $6::bigint[]) AS t(tier, daily_limit, near_from)
 ), active AS (
+    -- Narrowed to a project: its rollup rows of the day. Otherwise the users whose latest export is today.
     SELECT DISTINCT user_id
     FROM export_rollups
-    WHERE day = $1
-      AND ($2::text IS NULL OR user_id = $2)
-      AND ($3::text IS NULL OR project_id = $3)
+    WHERE $3::text IS NOT NULL AND day = $1 AND project_id = $3 AND ($2::text IS NULL OR user_id = $2)
+    UNION ALL
+    SELECT id
+    FROM export_counters
+    WHERE $3::text IS NULL AND kind = 'user' AND current_day = $1 AND ($2::text IS NULL OR id = $2)
 ), counted AS MATERIALIZED (
     -- Scalar subqueries, evaluated once per user of the day (MATERIALIZED): two primary-key lookups each,
     -- whatever the planner guesses (daily_usage has no index on the day alone, and accounts may be large).
@@ -522,6 +525,84 @@ WITH tiers AS (
 (SELECT user_id, tier, used, daily_limit, NULL::bigint AS tier_count FROM near ORDER BY used DESC, user_id LIMIT $8)
 UNION ALL
 (SELECT NULL, tier, NULL, NULL, count(*) FROM near GROUP BY tier);
+
+-- --- System-wide stats (no user, no project): the summaries of migrations/0003, never the per-user rollups --
+
+-- name: system_stats_rollup
+-- As stats_rollup, over the system rollup: at most 48 rows a day, however many exports. $1..$2 the window.
+SELECT
+    GROUPING(day) = 0 AS by_day, GROUPING(format) = 0 AS by_format, GROUPING(render_mode) = 0 AS by_mode,
+    day, format, render_mode,
+    sum(exports)::bigint AS exports, sum(reserved)::bigint AS reserved,
+    sum(completed)::bigint AS completed, sum(failed)::bigint AS failed,
+    sum(cancelled)::bigint AS cancelled, sum(expired)::bigint AS expired,
+    sum(completed_duration_seconds) AS completed_duration_seconds,
+    sum(completed_bytes)::bigint AS completed_bytes,
+    max(last_export_at) AS last_export_at
+FROM system_rollups
+WHERE day BETWEEN $1 AND $2
+GROUP BY GROUPING SETS ((), (day), (format), (render_mode));
+
+-- name: system_render_histogram
+SELECT bucket, sum(count)::bigint AS count
+FROM system_render_time_histogram
+WHERE day BETWEEN $1 AND $2
+GROUP BY bucket
+ORDER BY bucket;
+
+-- name: system_daily_by_format
+SELECT day, format, sum(exports)::bigint AS exports
+FROM system_rollups
+WHERE day BETWEEN $1 AND $2
+GROUP BY day, format;
+
+-- name: system_top_users
+-- The busiest users of the window [$1, today]: each user's running count minus its count at the end of the
+-- day before the window, for the users with an export in the window. Those counts come in one range of
+-- export_counter_history_by_day; a user without a row on that day costs one probe for its latest earlier
+-- row. $2 how many, $3 today. Favourite format: the most used in the window, ties to the alphabetically first.
+WITH in_window AS (
+    SELECT c.id AS user_id, c.last_export_at,
+           c.exports - coalesce(e.exports, h.exports, 0) AS exports, c.mp4 - coalesce(e.mp4, h.mp4, 0) AS mp4,
+           c.webm - coalesce(e.webm, h.webm, 0) AS webm, c.gif - coalesce(e.gif, h.gif, 0) AS gif
+    FROM export_counters c
+    LEFT JOIN export_counter_history e ON e.kind = 'user' AND e.day = $1::date - 1 AND e.id = c.id
+    LEFT JOIN LATERAL (
+        SELECT h.exports, h.mp4, h.webm, h.gif FROM export_counter_history h
+        WHERE e.id IS NULL AND h.kind = 'user' AND h.id = c.id AND h.day < $1
+        ORDER BY h.day DESC LIMIT 1
+    ) h ON true
+    WHERE c.kind = 'user' AND c.current_day >= $1
+), top AS (
+    SELECT * FROM in_window WHERE exports > 0 ORDER BY exports DESC, user_id LIMIT $2
+)
+SELECT top.user_id, top.exports, top.last_export_at,
+       CASE WHEN top.gif >= top.mp4 AND top.gif >= top.webm THEN 'gif'
+            WHEN top.mp4 >= top.webm THEN 'mp4' ELSE 'webm' END AS favorite_format,
+       a.tier, coalesce(d.used, 0) AS used_today
+FROM top
+LEFT JOIN accounts a ON a.user_id = top.user_id
+LEFT JOIN daily_usage d ON d.user_id = top.user_id AND d.day = $3
+ORDER BY top.exports DESC, top.user_id;
+
+-- name: system_top_projects
+-- The busiest projects of the window [$1, today], counted as system_top_users; $2 how many.
+WITH in_window AS (
+    SELECT c.id AS project_id, c.last_export_at, c.exports - coalesce(e.exports, h.exports, 0) AS exports
+    FROM export_counters c
+    LEFT JOIN export_counter_history e ON e.kind = 'project' AND e.day = $1::date - 1 AND e.id = c.id
+    LEFT JOIN LATERAL (
+        SELECT h.exports FROM export_counter_history h
+        WHERE e.id IS NULL AND h.kind = 'project' AND h.id = c.id AND h.day < $1
+        ORDER BY h.day DESC LIMIT 1
+    ) h ON true
+    WHERE c.kind = 'project' AND c.current_day >= $1
+), top AS (
+    SELECT * FROM in_window WHERE exports > 0 ORDER BY exports DESC, project_id LIMIT $2
+)
+SELECT top.project_id, p.user_id, top.exports, top.last_export_at
+FROM top JOIN projects p ON p.project_id = top.project_id
+ORDER BY top.exports DESC, top.project_id;
 
 -- --- Retention (migrations/0002_export_archive.sql): the archiver; history over the ledger and the archive ---
 

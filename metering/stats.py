@@ -1,4 +1,6 @@
 """GetStats from the rollup tables (kept in the ledger's own transactions), never from a ledger scan.
+A user's or a project's stats read its own rollup rows; system-wide stats read the system summaries
+(migrations/0003_system_summaries.sql), so neither grows with the rest of the ledger.
 
 Percentiles come from a log-bucket histogram of render times: each bucket is 2% wide and reports its
 geometric middle, so p50/p95 are within 1% of the nearest-rank value.
@@ -104,15 +106,23 @@ async def load_stats(
     connection: asyncpg.Connection, request: StatsRequest, *, today: date, tiers: TierTable
 ) -> Stats:
     days = window(today, request.days)
-    scope = (days[0], days[-1], request.user_id, request.project_id)
-    rollup = await connection.fetch(QUERIES["stats_rollup"], *scope)
-    histogram = [
-        (row["bucket"], row["count"]) for row in await connection.fetch(QUERIES["stats_render_histogram"], *scope)
-    ]
-    user_rows = await connection.fetch(QUERIES["stats_top_users"], *scope, TOP_N, today)
-    project_rows = await connection.fetch(QUERIES["stats_top_projects"], *scope, TOP_N)
+    if request.user_id is None and request.project_id is None:
+        # System-wide: the summaries (migrations/0003), whose size does not grow with the ledger.
+        rollup = await connection.fetch(QUERIES["system_stats_rollup"], days[0], days[-1])
+        histogram_rows = await connection.fetch(QUERIES["system_render_histogram"], days[0], days[-1])
+        user_rows = await connection.fetch(QUERIES["system_top_users"], days[0], TOP_N, today)
+        project_rows = await connection.fetch(QUERIES["system_top_projects"], days[0], TOP_N)
+        format_rows = await connection.fetch(QUERIES["system_daily_by_format"], days[0], days[-1])
+    else:
+        scope = (days[0], days[-1], request.user_id, request.project_id)
+        rollup = await connection.fetch(QUERIES["stats_rollup"], *scope)
+        histogram_rows = await connection.fetch(QUERIES["stats_render_histogram"], *scope)
+        user_rows = await connection.fetch(QUERIES["stats_top_users"], *scope, TOP_N, today)
+        project_rows = await connection.fetch(QUERIES["stats_top_projects"], *scope, TOP_N)
+        format_rows = await connection.fetch(QUERIES["stats_daily_by_format"], *scope)
+    histogram = [(row["bucket"], row["count"]) for row in histogram_rows]
     day_formats: dict[date, dict[str, int]] = {}
-    for row in await connection.fetch(QUERIES["stats_daily_by_format"], *scope):
+    for row in format_rows:
         day_formats.setdefault(row["day"], {})[row["format"]] = row["exports"]
     near = await load_near_limit(
         connection, today=today, tiers=tiers, user_id=request.user_id, project_id=request.project_id

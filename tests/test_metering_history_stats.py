@@ -262,5 +262,28 @@ async def test_get_stats_agrees_with_the_ledger_for_a_random_workload(database_u
             assert [d.exports for d in answer.daily] == [
                 daily.get(TODAY - timedelta(days=offset), 0) for offset in (2, 1, 0)
             ], scope
+            # The busiest users and projects of the window, exports before it left out (exports of the day
+            # before the window were reserved after some of the window's: late ones).
+            top_users = await connection.fetch(
+                f"""SELECT user_id, count(*) AS n, max(created_at) AS last,
+                           (array_agg(format ORDER BY count_per_format DESC, format))[1] AS favorite
+                    FROM (SELECT user_id, format, created_at,
+                                 count(*) OVER (PARTITION BY user_id, format) AS count_per_format
+                          FROM exports WHERE {where}) e
+                    GROUP BY user_id ORDER BY n DESC, user_id LIMIT 10""",
+                *args,
+            )
+            assert [
+                (u.user_id, u.total_exports, u.last_export_at.ToDatetime(tzinfo=UTC), u.favorite_format)
+                for u in answer.users
+            ] == [(r["user_id"], r["n"], r["last"], r["favorite"]) for r in top_users], scope
+            top_projects = await connection.fetch(
+                f"""SELECT project_id, count(*) AS n, max(created_at) AS last FROM exports WHERE {where}
+                    GROUP BY project_id ORDER BY n DESC, project_id LIMIT 10""",
+                *args,
+            )
+            assert [
+                (p.project_id, p.export_count, p.last_export_at.ToDatetime(tzinfo=UTC)) for p in answer.projects
+            ] == [(r["project_id"], r["n"], r["last"]) for r in top_projects], scope
     finally:
         await connection.close()

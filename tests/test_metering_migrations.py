@@ -31,8 +31,8 @@ async def empty_database(pg_dsn: str) -> AsyncIterator[str]:
 
 
 async def schema_snapshot(connection: asyncpg.Connection) -> dict[str, list[tuple]]:
-    """Tables, columns, constraints, indexes and functions of the public schema, migration bookkeeping left
-    out."""
+    """Tables, columns, constraints, indexes, functions, triggers and composite types of the public schema,
+    migration bookkeeping left out."""
     skip = "schema_migrations"
     columns = await connection.fetch(
         """SELECT table_name, column_name, data_type, is_nullable, column_default
@@ -55,8 +55,21 @@ async def schema_snapshot(connection: asyncpg.Connection) -> dict[str, list[tupl
         """SELECT proname, pg_get_functiondef(oid) FROM pg_proc
            WHERE pronamespace = 'public'::regnamespace ORDER BY 1"""
     )
+    triggers = await connection.fetch(
+        """SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid) FROM pg_trigger
+           WHERE NOT tgisinternal AND tgrelid::regclass::text <> $1 ORDER BY 1, 2""",
+        skip,
+    )
+    types = await connection.fetch(
+        """SELECT t.typname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnum
+           FROM pg_type t JOIN pg_class c ON c.oid = t.typrelid JOIN pg_attribute a ON a.attrelid = c.oid
+           WHERE t.typnamespace = 'public'::regnamespace AND c.relkind = 'c' AND a.attnum > 0
+           ORDER BY 1, 4"""
+    )
     return {
         "columns": [tuple(row) for row in columns],
+        "triggers": [tuple(row) for row in triggers],
+        "types": [tuple(row) for row in types],
         "constraints": [tuple(row) for row in constraints],
         "indexes": [tuple(row) for row in indexes],
         "functions": [tuple(row) for row in functions],
