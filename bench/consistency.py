@@ -2,7 +2,7 @@
 
 Every reservation and completion under load must have moved the day's usage (user and project), the
 rollups and the render-time histogram exactly as the exports table says; a lost or doubled update shows up
-as a mismatching row here.
+as a mismatching row here. So does a system summary (migrations/0003) that disagrees with the rollups.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
+
+from tests.support.faults import SUMMARY_CHECKS
 
 CHECKS = {
     "daily_usage": """
@@ -64,6 +66,8 @@ async def check_ledger(dsn: str) -> dict[str, Any]:
     connection = await asyncpg.connect(dsn)
     try:
         mismatches = {name: int(await connection.fetchval(sql)) for name, sql in CHECKS.items()}
+        for name, sql in SUMMARY_CHECKS.items():
+            mismatches[name] = int(await connection.fetchval(f"SELECT count(*) FROM ({sql}) AS mismatch"))
         exports = int(await connection.fetchval("SELECT count(*) FROM exports"))
     finally:
         await connection.close()

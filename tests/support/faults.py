@@ -577,6 +577,71 @@ _CONSISTENCY_CHECKS = {
     """,
 }
 
+# The system summaries (migrations/0003) against the rollups, which the checks above hold to the ledger.
+SUMMARY_CHECKS = {
+    "system_rollups differ from export_rollups": """
+        WITH recount AS (
+            SELECT day, hashtext(user_id) & 7 AS shard, format, render_mode, sum(exports) AS exports,
+                   sum(reserved) AS reserved, sum(completed) AS completed, sum(failed) AS failed,
+                   sum(cancelled) AS cancelled, sum(expired) AS expired, sum(completed_bytes) AS completed_bytes,
+                   sum(completed_duration_seconds) AS completed_seconds, max(last_export_at) AS last_export_at
+            FROM export_rollups GROUP BY 1, 2, 3, 4
+        )
+        SELECT day, shard, format, render_mode,
+               (s.exports, s.reserved, s.completed, s.failed, s.cancelled, s.expired, s.completed_bytes,
+                s.last_export_at)::text AS stored,
+               (r.exports, r.reserved, r.completed, r.failed, r.cancelled, r.expired, r.completed_bytes,
+                r.last_export_at)::text AS recount
+        FROM system_rollups s FULL JOIN recount r USING (day, shard, format, render_mode)
+        WHERE (s.exports, s.reserved, s.completed, s.failed, s.cancelled, s.expired, s.completed_bytes,
+               s.last_export_at)
+              IS DISTINCT FROM
+              (r.exports, r.reserved, r.completed, r.failed, r.cancelled, r.expired, r.completed_bytes,
+               r.last_export_at)
+           OR abs(coalesce(s.completed_duration_seconds, 0) - coalesce(r.completed_seconds, 0)) > 1e-6
+    """,
+    "system_render_time_histogram differs from render_time_histogram": """
+        SELECT day, bucket, s.count AS stored, r.count AS recount
+        FROM system_render_time_histogram s
+        FULL JOIN (SELECT day, bucket, sum(count) AS count FROM render_time_histogram GROUP BY 1, 2) r
+          USING (day, bucket)
+        WHERE s.count IS DISTINCT FROM r.count
+    """,
+    "export_counters or export_counter_history differ from export_rollups": """
+        WITH per_day AS (
+            SELECT k.kind, k.id, r.day, sum(r.exports) AS exports,
+                   sum(r.exports) FILTER (WHERE r.format = 'mp4') AS mp4,
+                   sum(r.exports) FILTER (WHERE r.format = 'webm') AS webm,
+                   sum(r.exports) FILTER (WHERE r.format = 'gif') AS gif,
+                   max(r.last_export_at) AS last_export_at
+            FROM export_rollups r
+            CROSS JOIN LATERAL (VALUES ('user', r.user_id), ('project', r.project_id)) AS k(kind, id)
+            GROUP BY 1, 2, 3
+        ), running AS (
+            SELECT kind, id, day, sum(exports) OVER w AS exports, coalesce(sum(mp4) OVER w, 0) AS mp4,
+                   coalesce(sum(webm) OVER w, 0) AS webm, coalesce(sum(gif) OVER w, 0) AS gif,
+                   max(last_export_at) OVER w AS last_export_at, max(day) OVER (PARTITION BY kind, id) AS current_day
+            FROM per_day WINDOW w AS (PARTITION BY kind, id ORDER BY day)
+        ), expected AS (
+            SELECT kind, id, day, exports, mp4, webm, gif,
+                   CASE WHEN day = current_day THEN last_export_at END AS last_export_at,
+                   day = current_day AS is_counter
+            FROM running
+        ), kept AS (
+            SELECT kind, id, current_day AS day, exports, mp4, webm, gif, last_export_at, true AS is_counter
+            FROM export_counters
+            UNION ALL
+            SELECT kind, id, day, exports, mp4, webm, gif, NULL, false FROM export_counter_history
+        )
+        SELECT kind, id, day, is_counter, (k.exports, k.mp4, k.webm, k.gif, k.last_export_at)::text AS stored,
+               (e.exports, e.mp4, e.webm, e.gif, e.last_export_at)::text AS recount
+        FROM kept k FULL JOIN expected e USING (kind, id, day, is_counter)
+        WHERE (k.exports, k.mp4, k.webm, k.gif, k.last_export_at)
+              IS DISTINCT FROM (e.exports, e.mp4, e.webm, e.gif, e.last_export_at)
+    """,
+}
+_CONSISTENCY_CHECKS.update(SUMMARY_CHECKS)
+
 _OVERDUE = """
     SELECT export_id, user_id, lease_expires_at FROM exports
     WHERE status = 'RESERVED' AND lease_expires_at < now() - make_interval(secs => $1)
