@@ -23,8 +23,17 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
-# Made once: json.dumps(..., default=str) builds a new encoder for every line.
-_encode = json.JSONEncoder(default=str).encode
+
+def _line_encoder() -> Any:
+    """json.dumps(entry, default=str), with the encoder made once instead of for every line."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # no C accelerator: the public path
+        return json.JSONEncoder(default=str).encode
+    encode = make(None, str, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+    return lambda entry: "".join(encode(entry, 0))
+
+
+_encode = _line_encoder()
 
 
 def request_id_from(metadata: Iterable[tuple[str, Any]] | None) -> str:
