@@ -1,6 +1,6 @@
 """The Metering gRPC servicer: protobuf in, domain values to the core, protobuf out.
 
-Errors are not handled here: `metering.interceptors.StatusInterceptor` maps them for every method.
+Errors are not handled here: `metering.interceptors` maps them for every method (`_unary_pipeline`).
 """
 
 from __future__ import annotations
