@@ -47,3 +47,14 @@ def describe(info: dict[str, Any]) -> str:
         f"{info['cores']} cores, {info['cpu_model']}, {info['memory_gib']} GiB, "
         f"Python {info['python']}, load average {load}"
     )
+
+
+def peak_rss_mib(pid: int | str = "self") -> float:
+    """A process's resident-set high-water mark (VmHWM, Linux), MiB; 0 when unreadable."""
+    try:
+        for line in open(f"/proc/{pid}/status").read().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0

@@ -15,6 +15,7 @@ from bench import profile
 from bench.consistency import check_ledger
 from bench.database import BenchPostgres
 from bench.load import LoadResult, LoadSpec, run_load
+from bench.machine import peak_rss_mib
 from bench.pgbench import run_pgbench
 from bench.services import metering_process, noop_process
 
@@ -110,6 +111,7 @@ async def _run_shape(pg: BenchPostgres, settings: MeteringSettings, shape: str) 
             profile_error = profile.finish_recording(recording) if recording is not None else ""
             rate = max(1.0, closed.pairs_per_second / 2)
             open_loop, open_cpu = await _measure(spec(service.target, rate=rate, label="open"), service.pid)
+            peak_rss = peak_rss_mib(service.pid)
         ledger = await check_ledger(database)
     finally:
         await pg.drop_database(database)
@@ -129,6 +131,7 @@ async def _run_shape(pg: BenchPostgres, settings: MeteringSettings, shape: str) 
         "pgbench": pgbench.as_dict(),
         "open_loop": _load_figures(open_loop, open_cpu),
         "ledger": ledger,
+        "server_peak_rss_mib": peak_rss,
         "ratio_vs_noop": _ratio(closed.pairs_per_second, noop_result.pairs_per_second),
         "ratio_vs_pgbench": _ratio(closed.pairs_per_second, pgbench.pairs_per_second),
         # At saturation latency is queueing: in flight / throughput, for comparison with the measured p50.

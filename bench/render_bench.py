@@ -12,6 +12,7 @@ Metering's overhead is the time the job spent in CheckAndReserve plus in handing
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import subprocess
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.database import BenchPostgres
+from bench.machine import peak_rss_mib
 from bench.services import metering_process
 
 TARGET_RATIO = 1.05
@@ -80,7 +82,30 @@ class _Timed:
         return getattr(self._inner, name)
 
 
-async def _raw_ffmpeg(c: Any, work: Path) -> float:
+@dataclass(frozen=True, slots=True)
+class _Measured:
+    returncode: int
+    seconds: float
+    cpu_seconds: float
+    peak_rss_mib: float
+    stderr: bytes
+
+
+def _run_measured(args: list[str]) -> _Measured:
+    """Runs a command to its end; wait4 gives that child's own CPU time and peak RSS (KiB on Linux)."""
+    with tempfile.TemporaryFile() as errors:
+        started = time.perf_counter()
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(process.pid, 0)
+        elapsed = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        errors.seek(0)
+        return _Measured(
+            process.returncode, elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, errors.read()
+        )
+
+
+async def _raw_ffmpeg(c: Any, work: Path) -> _Measured:
     from renderer.domain import OutputFormat
     from renderer.ffmpeg_graph import build_render
     from renderer.sources import SourceResolver
@@ -90,15 +115,10 @@ async def _raw_ffmpeg(c: Any, work: Path) -> float:
     output = workdir / "out.mp4"
     sources = await SourceResolver([]).resolve_composition(c, workdir)
     command = build_render(c, OutputFormat.MP4, output, sources, workdir=workdir)
-    started = time.perf_counter()
-    done = await asyncio.to_thread(
-        subprocess.run, command.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, check=False,
-    )
-    elapsed = time.perf_counter() - started
+    done = await asyncio.to_thread(_run_measured, list(command.args))
     if done.returncode != 0:
         raise RuntimeError(f"raw ffmpeg failed: {done.stderr.decode(errors='replace')[-1000:]}")
-    return elapsed
+    return done
 
 
 async def run_render(pg: BenchPostgres, settings: RenderSettings) -> dict[str, Any]:
@@ -110,8 +130,9 @@ async def run_render(pg: BenchPostgres, settings: RenderSettings) -> dict[str, A
 
     c = composition(settings)
     dsn = await pg.create_database("bench_render")
-    raw: list[float] = []
+    raw: list[_Measured] = []
     jobs: list[float] = []
+    metering_rss = 0.0
     try:
         async with metering_process(dsn) as service:
             with tempfile.TemporaryDirectory(prefix="bench-render-") as name:
@@ -133,6 +154,7 @@ async def run_render(pg: BenchPostgres, settings: RenderSettings) -> dict[str, A
                     for _ in range(settings.repetitions):
                         raw.append(await _raw_ffmpeg(c, work))
                         jobs.append(await _job(runner, c, OutputFormat.MP4, RenderRequest, JobState))
+                    metering_rss = peak_rss_mib(service.pid)
                 finally:
                     await runner.shutdown(5)
                     await outbox.close()
@@ -142,12 +164,12 @@ async def run_render(pg: BenchPostgres, settings: RenderSettings) -> dict[str, A
     reserve_ms = [1000 * s for s in metering.seconds["reserve"]]
     complete_ms = [1000 * s for s in completions.seconds["submit"]]
     per_render = [r + c for r, c in zip(reserve_ms, complete_ms, strict=True)]
-    raw_median, job_median = statistics.median(raw), statistics.median(jobs)
+    raw_median, job_median = statistics.median(r.seconds for r in raw), statistics.median(jobs)
     return {
         "settings": {"width": settings.width, "height": settings.height, "fps": settings.fps,
                      "seconds": settings.seconds, "repetitions": settings.repetitions, "format": "mp4",
                      "layers": "testsrc clip + text + sine audio"},
-        "raw_ffmpeg_s": [round(value, 3) for value in raw],
+        "raw_ffmpeg_s": [round(r.seconds, 3) for r in raw],
         "job_s": [round(value, 3) for value in jobs],
         "raw_ffmpeg_median_s": round(raw_median, 3),
         "job_median_s": round(job_median, 3),
@@ -156,6 +178,14 @@ async def run_render(pg: BenchPostgres, settings: RenderSettings) -> dict[str, A
         "metering_ms_per_render": round(statistics.median(per_render), 2),
         "reserve_ms": round(statistics.median(reserve_ms), 2),
         "complete_ms": round(statistics.median(complete_ms), 2),
+        # For sizing deploy/k8s: what one render's ffmpeg takes of a node, and the peaks of the processes
+        # around it (the job runner is hosted by this benchmark process, so its figure is an upper bound).
+        "resources": {
+            "ffmpeg_cpu_cores": round(statistics.median(r.cpu_seconds / r.seconds for r in raw), 2),
+            "ffmpeg_peak_rss_mib": round(max(r.peak_rss_mib for r in raw), 1),
+            "job_runner_process_peak_rss_mib": peak_rss_mib(),
+            "metering_peak_rss_mib": metering_rss,
+        },
         "targets": {"ratio": TARGET_RATIO, "metering_ms_per_render": TARGET_METERING_MS},
     }
 

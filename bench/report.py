@@ -70,6 +70,7 @@ def summary(piece: str, figures: dict[str, Any]) -> str:
                 f"  metering per render {figures['metering_ms_per_render']:.1f} ms (reserve {figures['reserve_ms']:.1f}"
                 f" + completion {figures['complete_ms']:.1f}; target <= {targets['metering_ms_per_render']:.0f}: "
                 f"{_check(figures['metering_ms_per_render'] <= targets['metering_ms_per_render'])})",
+                *_resource_lines(figures.get("resources")),
             ]
         )
     if piece == "lambda":
@@ -79,6 +80,17 @@ def summary(piece: str, figures: dict[str, Any]) -> str:
             f" vs one invocation {figures['single_median_s']:.2f} s -> speedup {figures['speedup']}"
         )
     return f"{piece}: {figures}"
+
+
+def _resource_lines(resources: dict[str, float] | None) -> list[str]:
+    if not resources:
+        return []
+    return [
+        f"  one render's ffmpeg: {resources['ffmpeg_cpu_cores']:.2f} cores,"
+        f" peak {resources['ffmpeg_peak_rss_mib']:.0f} MiB;"
+        f" peaks: job runner process {resources['job_runner_process_peak_rss_mib']:.0f} MiB,"
+        f" metering {resources['metering_peak_rss_mib']:.0f} MiB"
+    ]
 
 
 def markdown_table(results: dict[str, Any]) -> str:
