@@ -48,17 +48,42 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _measure(spec: LoadSpec, pid: int) -> tuple[LoadResult, float]:
-    """The load, and the server's CPU use meanwhile (cores busy, e.g. 0.9)."""
-    cpu_before, started = _cpu_seconds(pid), time.monotonic()
+def _machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all cores; /proc/stat less idle and iowait)."""
+    try:
+        fields = [int(value) for value in open("/proc/stat").readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class _CpuUse:
+    server_cores: float  # the measured server process
+    machine_cores: float  # everything: server, load clients, PostgreSQL, and anything else running
+
+
+async def _measure(spec: LoadSpec, pid: int) -> tuple[LoadResult, _CpuUse]:
+    """The load, and the CPU used meanwhile, in cores busy (e.g. 0.9)."""
+    cpu_before, machine_before, started = _cpu_seconds(pid), _machine_busy_seconds(), time.monotonic()
     result = await asyncio.to_thread(run_load, spec)
-    cpu = (_cpu_seconds(pid) - cpu_before) / max(time.monotonic() - started, 1e-9)
-    return result, round(cpu, 2)
+    elapsed = max(time.monotonic() - started, 1e-9)
+    return result, _CpuUse(
+        round((_cpu_seconds(pid) - cpu_before) / elapsed, 2),
+        round((_machine_busy_seconds() - machine_before) / elapsed, 2),
+    )
 
 
-def _load_figures(result: LoadResult, server_cpu: float) -> dict[str, Any]:
+def _load_figures(result: LoadResult, cpu: _CpuUse) -> dict[str, Any]:
     figures = result.as_dict()
-    figures["server_cpu_cores"] = server_cpu
+    figures["server_cpu_cores"] = cpu.server_cores
+    figures["machine_busy_cores"] = cpu.machine_cores
+    if result.pairs_per_second:
+        # Where a pair's CPU goes: the server, and everything else (the load clients and PostgreSQL).
+        figures["server_cpu_ms_per_pair"] = round(1000 * cpu.server_cores / result.pairs_per_second, 3)
+        figures["other_cpu_ms_per_pair"] = round(
+            1000 * max(cpu.machine_cores - cpu.server_cores, 0) / result.pairs_per_second, 3
+        )
     return figures
 
 

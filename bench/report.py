@@ -17,7 +17,10 @@ def _shape_lines(shape: str, figures: dict[str, Any], targets: dict[str, float])
     lines = [
         f"  {shape}: service {service['pairs_per_second']:.0f} pairs/s (p50 {service['p50_ms']:.1f} ms, "
         f"p99 {service['p99_ms']:.1f} ms at {service['in_flight']} in flight; server CPU "
-        f"{service['server_cpu_cores']:.2f} cores)",
+        f"{service['server_cpu_cores']:.2f} cores of {service.get('machine_busy_cores', 0):.2f} busy)",
+        f"    CPU per pair: server {service.get('server_cpu_ms_per_pair', 0):.2f} ms, clients + PostgreSQL "
+        f"{service.get('other_cpu_ms_per_pair', 0):.2f} ms (no-op: server {noop.get('server_cpu_ms_per_pair', 0):.2f}"
+        f" ms, clients {noop.get('other_cpu_ms_per_pair', 0):.2f} ms)",
         f"    no-op server {noop['pairs_per_second']:.0f} pairs/s -> ratio {ratio} "
         f"(target >= {targets['ratio_vs_noop']}: {_check(ratio is not None and ratio >= targets['ratio_vs_noop'])})",
         f"    pgbench same SQL ({pgbench['clients']} connections) {pgbench['pairs_per_second']:.0f} pairs/s "
