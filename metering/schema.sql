@@ -329,6 +329,24 @@ BEGIN
         ORDER BY k.kind, k.id, d.day
     );
     IF cardinality(moved) > 0 THEN
+        -- A counter seen for the first time starts with this statement's counts, and is done; the rest
+        -- exist, or are created empty (several days at once) and take the steps below.
+        WITH created AS (
+            INSERT INTO export_counters (kind, id, exports, mp4, webm, gif, last_export_at, current_day)
+            SELECT m.kind, m.id, m.exports, m.mp4, m.webm, m.gif, m.last_export_at, m.day
+            FROM unnest(moved) m
+            WHERE NOT EXISTS (SELECT FROM unnest(moved) o WHERE o.kind = m.kind AND o.id = m.id AND o.day <> m.day)
+            ORDER BY m.kind, m.id
+            ON CONFLICT (kind, id) DO NOTHING
+            RETURNING kind, id
+        )
+        SELECT ARRAY(
+            SELECT m FROM unnest(moved) m
+            WHERE NOT EXISTS (SELECT FROM created c WHERE c.kind = m.kind AND c.id = m.id)
+            ORDER BY m.kind, m.id, m.day
+        ) INTO moved;
+    END IF;
+    IF cardinality(moved) > 0 THEN
         INSERT INTO export_counters (kind, id)
         SELECT DISTINCT m.kind, m.id FROM unnest(moved) m ORDER BY m.kind, m.id
         ON CONFLICT (kind, id) DO NOTHING;
