@@ -119,6 +119,8 @@ class MeteringCore:
         if row["new_day"]:
             await connection.execute(QUERIES["ensure_usage_rows"], new.user_id, day, new.project_id)
             row = await self._reserve_statement(connection, new, fingerprint, day, now)
+        if row["late"]:
+            raise _DayEndedMeanwhile
         tier = self._tiers.resolve(row["tier"])
         if row["export_id"] is not None:
             export = export_from_row(row)
@@ -175,6 +177,8 @@ class MeteringCore:
         if len(batch) == 1:  # alone: one statement beats a batch's four
             try:
                 return [await self._db.autocommit(lambda connection: self._reserve(connection, batch[0]))]
+            except _DayEndedMeanwhile:
+                pass  # the batch's way moves the counters' history right (see `reserve` in queries.sql)
             except errors.MeteringError as error:
                 return [error]
         for _ in range(3):
@@ -606,6 +610,13 @@ class MeteringCore:
         now = self._policy.now()
         return await archive.archive_closed(self._db, cutoff=now - older_than, archived_at=now, batch_size=batch_size)
 
+    async def compact_summaries(self) -> int:
+        """Folds the system-wide summaries' delta rows into their rows (migrations/0003); safe on every replica
+        at once (one folds, the others return 0)."""
+        return await self._db.autocommit(
+            lambda connection: connection.fetchval(QUERIES["compact_export_summaries"])
+        )
+
     async def count_in_flight(self) -> int:
         """Reservations held right now, system-wide (a partial index keeps this cheap)."""
         async with self._db.connection() as connection:
@@ -650,6 +661,10 @@ def _already_closed(export: Export, outcome: ExportStatus) -> errors.FailedPreco
             ),
         ),
     )
+
+
+class _DayEndedMeanwhile(Exception):
+    """The reservation's day ended while it waited for its counters: record it the batch's way."""
 
 
 class _KeyTakenMeanwhile(Exception):

@@ -1,6 +1,7 @@
 -- Every SQL statement of the metering service, loaded by name (metering/sql.py).
--- Lock order, to stay free of deadlocks: exports row -> daily_usage -> project_daily_usage -> projects
--- -> export_rollups -> render_time_histogram. A reservation starts at daily_usage (its export row is new).
+-- Lock order, to stay free of deadlocks: exports row -> daily_usage -> project_daily_usage -> export_counters
+-- -> projects -> export_rollups -> render_time_histogram. A reservation starts at daily_usage (its export row
+-- is new); only reservations lock export_counters. The system summaries' delta tables are only appended to.
 
 -- name: advisory_lock
 SELECT pg_advisory_lock($1);
@@ -32,10 +33,12 @@ SELECT true FROM pg_database WHERE datname = $1;
 SELECT * FROM exports WHERE user_id = $1 AND idempotency_key = $2;
 
 -- name: ensure_usage_rows
--- The user's and the project's counters of the day, created at 0 when missing (locks nothing).
--- $1 user, $2 day, $3 project.
+-- The user's and the project's counters of the day and their running export counters, created at 0 when
+-- missing (locks nothing). $1 user, $2 day, $3 project.
 WITH daily AS (
     INSERT INTO daily_usage (user_id, day, used) VALUES ($1, $2, 0) ON CONFLICT DO NOTHING
+), counters AS (
+    INSERT INTO export_counters (kind, id) VALUES ('project', $3), ('user', $1) ON CONFLICT DO NOTHING
 )
 INSERT INTO project_daily_usage (project_id, day, used) VALUES ($3, $2, 0) ON CONFLICT DO NOTHING;
 
@@ -45,9 +48,12 @@ INSERT INTO project_daily_usage (project_id, day, used) VALUES ($3, $2, 0) ON CO
 -- project row, the rollup). Every reservation of one user on one day queues on the first lock, on every
 -- replica, and reads the counts as they are once it has the lock. The gate applies the same comparisons
 -- as QuotaPolicy.check, which still decides every refusal from the counts returned here.
--- Returns one row: new_day = 1 when a day row is missing (run ensure_usage_rows, then this again); no
--- export when the gate refused or the idempotency key is taken (a replay). in_flight counts the user's
--- reservations as of the statement's start, this one included.
+-- Returns one row: new_day = 1 when a day row or a running counter is missing (run ensure_usage_rows, then
+-- this again); late = 1 when the user's or project's counter has moved on to a later day (this day ended
+-- while the call waited: reserve it with lock_reserve_many and reserve_many, whose second statement sees the
+-- counters' history as it is once they are locked, which this statement's snapshot may not); no export when
+-- the gate refused or the idempotency key is taken (a replay). in_flight counts the user's reservations as of
+-- the statement's start, this one included.
 -- $1 user, $2 day, $3 project, $4 idempotency key, $5 export_id, $6 fingerprint, $7 render mode, $8 format,
 -- $9 resolution, $10 requested seconds, $11 now, $12 lease end; the tier table as arrays: $13 names,
 -- $14 daily limits, $15 longest videos (seconds), $16 project daily limits (NULL: no limit); $17 the tier
@@ -59,6 +65,14 @@ WITH daily AS MATERIALIZED (
     SELECT p.used FROM project_daily_usage p CROSS JOIN daily
     WHERE p.project_id = $3 AND p.day = $2
     FOR UPDATE OF p
+), counter AS MATERIALIZED (
+    -- The project's and the user's running counters, locked once the day rows are.
+    SELECT c.kind, c.id, c.current_day, c.exports, c.mp4, c.webm, c.gif
+    FROM export_counters c
+    WHERE ((c.kind = 'project' AND c.id = $3) OR (c.kind = 'user' AND c.id = $1))
+      AND EXISTS (SELECT FROM project_day)
+    ORDER BY c.kind, c.id
+    FOR UPDATE OF c
 ), tier AS (
     SELECT t.name, t.daily_limit, t.max_seconds, t.project_limit
     FROM unnest($13::text[], $14::bigint[], $15::double precision[], $16::bigint[])
@@ -68,6 +82,8 @@ WITH daily AS MATERIALIZED (
     )
 ), decision AS MATERIALIZED (
     SELECT daily.used, project_day.used AS project_used, tier.name AS tier,
+           (SELECT count(*) FROM counter) = 2 AS counted,
+           EXISTS (SELECT FROM counter WHERE counter.current_day > $2) AS late,
            (tier.max_seconds IS NULL OR $10::double precision <= tier.max_seconds)
            AND (tier.daily_limit IS NULL OR daily.used < tier.daily_limit)
            AND (tier.project_limit IS NULL OR project_day.used < tier.project_limit) AS fits
@@ -79,9 +95,28 @@ WITH daily AS MATERIALIZED (
     )
     SELECT $5::uuid, $1, $3, $4::text, $6::text, 'RESERVED', $7::text, $8::text, $9::text, $10, $2, $11::timestamptz,
            $12::timestamptz
-    FROM decision WHERE decision.fits
+    FROM decision WHERE decision.fits AND decision.counted AND NOT decision.late
     ON CONFLICT (user_id, idempotency_key) DO NOTHING
     RETURNING *
+), counter_history AS (
+    -- The day moved on: the totals through the counter's old current day become its history.
+    INSERT INTO export_counter_history (kind, id, day, exports, mp4, webm, gif)
+    SELECT c.kind, c.id, c.current_day, c.exports, c.mp4, c.webm, c.gif
+    FROM counter c
+    WHERE c.current_day < $2 AND EXISTS (SELECT FROM inserted)
+), counter_count AS (
+    UPDATE export_counters c
+    SET exports = c.exports + 1, mp4 = c.mp4 + ($8::text = 'mp4')::int, webm = c.webm + ($8::text = 'webm')::int,
+        gif = c.gif + ($8::text = 'gif')::int, current_day = $2,
+        last_export_at = greatest(c.last_export_at, $11::timestamptz)
+    FROM counter locked
+    WHERE c.kind = locked.kind AND c.id = locked.id AND EXISTS (SELECT FROM inserted)
+), system AS (
+    INSERT INTO system_rollup_deltas (
+        day, format, render_mode, exports, reserved, completed, failed, cancelled, expired,
+        completed_duration_seconds, completed_bytes, last_export_at
+    )
+    SELECT $2, $8::text, $7::text, 1, 1, 0, 0, 0, 0, 0, 0, $11::timestamptz FROM inserted
 ), daily_count AS (
     UPDATE daily_usage SET used = used + 1
     WHERE user_id = $1 AND day = $2 AND EXISTS (SELECT FROM inserted)
@@ -100,7 +135,8 @@ WITH daily AS MATERIALIZED (
     SET exports = r.exports + 1, reserved = r.reserved + 1,
         last_export_at = greatest(r.last_export_at, EXCLUDED.last_export_at)
 )
-SELECT (decision.used IS NULL)::integer AS new_day, decision.used, decision.project_used, decision.tier, inserted.*,
+SELECT (decision.used IS NULL OR NOT decision.counted)::integer AS new_day, decision.late::integer AS late,
+       decision.used, decision.project_used, decision.tier, inserted.*,
        (SELECT count(*) FROM exports WHERE user_id = $1 AND status = 'RESERVED') + 1 AS in_flight
 FROM (SELECT) AS one
 LEFT JOIN decision ON true
@@ -108,8 +144,9 @@ LEFT JOIN inserted ON true;
 
 -- name: lock_reserve_many
 -- A batch of reservations (metering/batching.py) starts here: its users' rows of the day, then its
--- projects' (created at 0 when missing, locked, each in key order, users first: every batch locks in that
--- order, so batches never wait in a circle), its users' tiers and which of its idempotency keys are taken.
+-- projects', then their running counters (created at 0 when missing, locked, each in key order: every batch
+-- locks in that order, so batches never wait in a circle), its users' tiers and which of its idempotency keys
+-- are taken.
 -- A key committed while the batch waited for a lock is missed here and found by reserve_many instead.
 -- $1 the batch's users (distinct), $2 day, $3 its projects (distinct), $4 user and $5 idempotency key of
 -- each request, $6 the batch's lock_timeout (set before the first lock, for the whole transaction: a batch
@@ -126,6 +163,15 @@ WITH daily AS (
     SELECT p, $2, 0 FROM unnest($3::text[]) AS p WHERE (SELECT count(*) FROM daily) >= 0 ORDER BY p
     ON CONFLICT (project_id, day) DO UPDATE SET used = p.used
     RETURNING project_id, used
+), counter AS (
+    INSERT INTO export_counters AS c (kind, id)
+    SELECT k.kind, k.id
+    FROM (SELECT 'project' AS kind, p AS id FROM unnest($3::text[]) AS p
+          UNION ALL
+          SELECT 'user', u FROM unnest($1::text[]) AS u) AS k
+    WHERE (SELECT count(*) FROM project) >= 0
+    ORDER BY k.kind, k.id
+    ON CONFLICT (kind, id) DO UPDATE SET exports = c.exports
 )
 SELECT 'user' AS kind, user_id AS id, NULL::text AS idempotency_key, used, NULL::text AS tier FROM daily
 UNION ALL
@@ -144,6 +190,8 @@ JOIN exports e ON e.user_id = k.user_id AND e.idempotency_key = k.idempotency_ke
 -- $3 projects, $4 idempotency keys, $5 fingerprints, $6 render modes, $7 formats, $8 resolutions,
 -- $9 requested seconds; $10 day, $11 now, $12 lease end. Returns the exports recorded (nothing for a key
 -- committed meanwhile), each with its user's reservations in flight before this statement.
+-- The running counters were locked by lock_reserve_many, before this statement took its snapshot: it sees
+-- their history as every earlier holder of those locks left it, also for a day that has ended meanwhile.
 WITH request AS (
     SELECT *
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
@@ -160,6 +208,56 @@ WITH request AS (
     FROM request
     ON CONFLICT (user_id, idempotency_key) DO NOTHING
     RETURNING *
+), counted AS MATERIALIZED (
+    SELECT c.kind, c.id, c.current_day, c.exports, c.mp4, c.webm, c.gif, n.exports AS n, n.mp4 AS n_mp4,
+           n.webm AS n_webm, n.gif AS n_gif, n.last_export_at AS n_last
+    FROM export_counters c
+    JOIN (
+        SELECT k.kind, k.id, count(*) AS exports, count(*) FILTER (WHERE i.format = 'mp4') AS mp4,
+               count(*) FILTER (WHERE i.format = 'webm') AS webm, count(*) FILTER (WHERE i.format = 'gif') AS gif,
+               max(i.created_at) AS last_export_at
+        FROM inserted i CROSS JOIN LATERAL (VALUES ('project', i.project_id), ('user', i.user_id)) AS k(kind, id)
+        GROUP BY k.kind, k.id
+    ) n ON n.kind = c.kind AND n.id = c.id
+), counter_rolled AS (
+    -- The day moved on: the totals through the counter's old current day become its history.
+    INSERT INTO export_counter_history (kind, id, day, exports, mp4, webm, gif)
+    SELECT kind, id, current_day, exports, mp4, webm, gif FROM counted WHERE current_day < $10::date
+), counter_late_day AS (
+    -- A day that has ended (the counter moved on while these calls waited): that day's totals, from the
+    -- latest earlier ones, when it has none yet ...
+    INSERT INTO export_counter_history (kind, id, day, exports, mp4, webm, gif)
+    SELECT n.kind, n.id, $10::date, coalesce(p.exports, 0) + n.n, coalesce(p.mp4, 0) + n.n_mp4,
+           coalesce(p.webm, 0) + n.n_webm, coalesce(p.gif, 0) + n.n_gif
+    FROM counted n
+    LEFT JOIN LATERAL (
+        SELECT h.exports, h.mp4, h.webm, h.gif FROM export_counter_history h
+        WHERE h.kind = n.kind AND h.id = n.id AND h.day < $10::date
+        ORDER BY h.day DESC LIMIT 1
+    ) p ON true
+    WHERE n.current_day > $10::date
+      AND NOT EXISTS (
+          SELECT FROM export_counter_history s WHERE s.kind = n.kind AND s.id = n.id AND s.day = $10::date
+      )
+), counter_late_after AS (
+    -- ... and every total through that day or a later one grows (the row inserted above is not among them).
+    UPDATE export_counter_history h
+    SET exports = h.exports + n.n, mp4 = h.mp4 + n.n_mp4, webm = h.webm + n.n_webm, gif = h.gif + n.n_gif
+    FROM counted n
+    WHERE n.current_day > $10::date AND h.kind = n.kind AND h.id = n.id AND h.day >= $10::date
+), counter_count AS (
+    UPDATE export_counters c
+    SET exports = c.exports + n.n, mp4 = c.mp4 + n.n_mp4, webm = c.webm + n.n_webm, gif = c.gif + n.n_gif,
+        current_day = greatest(c.current_day, $10::date), last_export_at = greatest(c.last_export_at, n.n_last)
+    FROM counted n
+    WHERE c.kind = n.kind AND c.id = n.id
+), system AS (
+    INSERT INTO system_rollup_deltas (
+        day, format, render_mode, exports, reserved, completed, failed, cancelled, expired,
+        completed_duration_seconds, completed_bytes, last_export_at
+    )
+    SELECT $10::date, format, render_mode, count(*), count(*), 0, 0, 0, 0, 0, 0, max(created_at)
+    FROM inserted GROUP BY format, render_mode
 ), daily AS (
     UPDATE daily_usage d SET used = d.used + c.n
     FROM (SELECT user_id, count(*) AS n FROM inserted GROUP BY user_id) c
@@ -212,13 +310,21 @@ SELECT count(*) FROM exports WHERE status = 'RESERVED';
 
 -- name: rollup_transition
 -- Moves one export between status columns: $6..$10 are -1/0/+1 deltas for reserved, completed, failed,
--- cancelled, expired; $11 and $12 add to the completed duration and bytes.
-UPDATE export_rollups
-SET reserved = reserved + $6, completed = completed + $7, failed = failed + $8,
-    cancelled = cancelled + $9, expired = expired + $10,
-    completed_duration_seconds = completed_duration_seconds + $11,
-    completed_bytes = completed_bytes + $12
-WHERE day = $1 AND user_id = $2 AND project_id = $3 AND format = $4 AND render_mode = $5;
+-- cancelled, expired; $11 and $12 add to the completed duration and bytes. The system rollup moves alike.
+WITH rollup AS (
+    UPDATE export_rollups
+    SET reserved = reserved + $6, completed = completed + $7, failed = failed + $8,
+        cancelled = cancelled + $9, expired = expired + $10,
+        completed_duration_seconds = completed_duration_seconds + $11,
+        completed_bytes = completed_bytes + $12
+    WHERE day = $1 AND user_id = $2 AND project_id = $3 AND format = $4 AND render_mode = $5
+    RETURNING 1
+)
+INSERT INTO system_rollup_deltas (
+    day, format, render_mode, exports, reserved, completed, failed, cancelled, expired,
+    completed_duration_seconds, completed_bytes, last_export_at
+)
+SELECT $1, $4, $5, 0, $6, $7, $8, $9, $10, $11, $12, NULL FROM rollup;
 
 -- name: lock_export
 SELECT * FROM exports WHERE export_id = $1 FOR UPDATE;
@@ -236,9 +342,17 @@ WITH old AS MATERIALIZED (
     SELECT * FROM exports WHERE export_id = $1 FOR UPDATE
 ), move AS MATERIALIZED (
     SELECT old.export_id, old.user_id, old.project_id, old.usage_day, old.format, old.render_mode, old.status,
-           old.requested_duration_seconds,
            (CASE WHEN $2::text IN ('RESERVED', 'COMPLETED') THEN 1 ELSE 0 END)
-           - (CASE WHEN old.status IN ('RESERVED', 'COMPLETED') THEN 1 ELSE 0 END) AS slot_delta
+           - (CASE WHEN old.status IN ('RESERVED', 'COMPLETED') THEN 1 ELSE 0 END) AS slot_delta,
+           ($2::text = 'RESERVED')::int - (old.status = 'RESERVED')::int AS d_reserved,
+           ($2::text = 'COMPLETED')::int - (old.status = 'COMPLETED')::int AS d_completed,
+           ($2::text = 'FAILED')::int - (old.status = 'FAILED')::int AS d_failed,
+           ($2::text = 'CANCELLED')::int - (old.status = 'CANCELLED')::int AS d_cancelled,
+           ($2::text = 'EXPIRED')::int - (old.status = 'EXPIRED')::int AS d_expired,
+           -- A completed export counts its measured length when reported, else the length asked for.
+           CASE WHEN $2::text = 'COMPLETED' THEN coalesce($5::double precision, old.requested_duration_seconds)
+                ELSE 0 END AS completed_seconds,
+           CASE WHEN $2::text = 'COMPLETED' THEN coalesce($4::bigint, 0) ELSE 0 END AS completed_bytes
     FROM old
     WHERE old.status IN ('RESERVED', 'EXPIRED') AND old.status <> $2::text
 ), daily AS (
@@ -254,16 +368,10 @@ WITH old AS MATERIALIZED (
     RETURNING 1
 ), rollup AS (
     UPDATE export_rollups r
-    SET reserved = r.reserved + ($2::text = 'RESERVED')::int - (m.status = 'RESERVED')::int,
-        completed = r.completed + ($2::text = 'COMPLETED')::int - (m.status = 'COMPLETED')::int,
-        failed = r.failed + ($2::text = 'FAILED')::int - (m.status = 'FAILED')::int,
-        cancelled = r.cancelled + ($2::text = 'CANCELLED')::int - (m.status = 'CANCELLED')::int,
-        expired = r.expired + ($2::text = 'EXPIRED')::int - (m.status = 'EXPIRED')::int,
-        -- A completed export counts its measured length when reported, else the length asked for.
-        completed_duration_seconds = r.completed_duration_seconds
-            + CASE WHEN $2::text = 'COMPLETED' THEN coalesce($5::double precision, m.requested_duration_seconds)
-                   ELSE 0 END,
-        completed_bytes = r.completed_bytes + CASE WHEN $2::text = 'COMPLETED' THEN coalesce($4::bigint, 0) ELSE 0 END
+    SET reserved = r.reserved + m.d_reserved, completed = r.completed + m.d_completed,
+        failed = r.failed + m.d_failed, cancelled = r.cancelled + m.d_cancelled, expired = r.expired + m.d_expired,
+        completed_duration_seconds = r.completed_duration_seconds + m.completed_seconds,
+        completed_bytes = r.completed_bytes + m.completed_bytes
     FROM move m
     WHERE r.day = m.usage_day AND r.user_id = m.user_id AND r.project_id = m.project_id
       AND r.format = m.format AND r.render_mode = m.render_mode
@@ -276,6 +384,17 @@ WITH old AS MATERIALIZED (
     WHERE $2::text = 'COMPLETED' AND $9::integer IS NOT NULL AND (SELECT count(*) FROM rollup) >= 0
     ON CONFLICT (day, user_id, project_id, bucket) DO UPDATE SET count = h.count + 1
     RETURNING 1
+), system AS (
+    INSERT INTO system_rollup_deltas (
+        day, format, render_mode, exports, reserved, completed, failed, cancelled, expired,
+        completed_duration_seconds, completed_bytes, last_export_at
+    )
+    SELECT usage_day, format, render_mode, 0, d_reserved, d_completed, d_failed, d_cancelled, d_expired,
+           completed_seconds, completed_bytes, NULL
+    FROM move
+), system_render_time AS (
+    INSERT INTO system_render_time_deltas (day, bucket, count)
+    SELECT usage_day, $9::integer, 1 FROM move WHERE $2::text = 'COMPLETED' AND $9::integer IS NOT NULL
 ), closed AS (
     UPDATE exports e
     SET status = $2::text, error = $3::text, file_size_bytes = $4::bigint, duration_seconds = $5::double precision,
@@ -372,6 +491,17 @@ WITH c AS MATERIALIZED (
     ORDER BY usage_day, user_id, project_id, bucket
     ON CONFLICT (day, user_id, project_id, bucket) DO UPDATE SET count = h.count + EXCLUDED.count
     RETURNING 1
+), system AS (
+    INSERT INTO system_rollup_deltas (
+        day, format, render_mode, exports, reserved, completed, failed, cancelled, expired,
+        completed_duration_seconds, completed_bytes, last_export_at
+    )
+    SELECT usage_day, format, render_mode, 0, sum(reserved), sum(completed), sum(failed), sum(cancelled),
+           sum(expired), sum(completed_seconds), sum(completed_bytes), NULL
+    FROM rollup_delta GROUP BY usage_day, format, render_mode
+), system_render_time AS (
+    INSERT INTO system_render_time_deltas (day, bucket, count)
+    SELECT usage_day, bucket, count(*) FROM c WHERE bucket IS NOT NULL GROUP BY usage_day, bucket
 ), closed AS (
     UPDATE exports e
     SET status = c.outcome, error = c.error, file_size_bytes = c.file_size_bytes,
@@ -529,7 +659,8 @@ UNION ALL
 -- --- System-wide stats (no user, no project): the summaries of migrations/0003, never the per-user rollups --
 
 -- name: system_stats_rollup
--- As stats_rollup, over the system rollup: at most 48 rows a day, however many exports. $1..$2 the window.
+-- As stats_rollup, over the system rollup (at most 6 rows a day, however many exports) and its deltas not
+-- folded yet (at most a second's worth). $1..$2 the window.
 SELECT
     GROUPING(day) = 0 AS by_day, GROUPING(format) = 0 AS by_format, GROUPING(render_mode) = 0 AS by_mode,
     day, format, render_mode,
@@ -539,21 +670,30 @@ SELECT
     sum(completed_duration_seconds) AS completed_duration_seconds,
     sum(completed_bytes)::bigint AS completed_bytes,
     max(last_export_at) AS last_export_at
-FROM system_rollups
-WHERE day BETWEEN $1 AND $2
+FROM (
+    SELECT * FROM system_rollups WHERE day BETWEEN $1 AND $2
+    UNION ALL
+    SELECT * FROM system_rollup_deltas WHERE day BETWEEN $1 AND $2
+) AS system
 GROUP BY GROUPING SETS ((), (day), (format), (render_mode));
 
 -- name: system_render_histogram
 SELECT bucket, sum(count)::bigint AS count
-FROM system_render_time_histogram
-WHERE day BETWEEN $1 AND $2
+FROM (
+    SELECT bucket, count FROM system_render_time_histogram WHERE day BETWEEN $1 AND $2
+    UNION ALL
+    SELECT bucket, count FROM system_render_time_deltas WHERE day BETWEEN $1 AND $2
+) AS system
 GROUP BY bucket
 ORDER BY bucket;
 
 -- name: system_daily_by_format
 SELECT day, format, sum(exports)::bigint AS exports
-FROM system_rollups
-WHERE day BETWEEN $1 AND $2
+FROM (
+    SELECT day, format, exports FROM system_rollups WHERE day BETWEEN $1 AND $2
+    UNION ALL
+    SELECT day, format, exports FROM system_rollup_deltas WHERE day BETWEEN $1 AND $2
+) AS system
 GROUP BY day, format;
 
 -- name: system_top_users
@@ -603,6 +743,11 @@ WITH in_window AS (
 SELECT top.project_id, p.user_id, top.exports, top.last_export_at
 FROM top JOIN projects p ON p.project_id = top.project_id
 ORDER BY top.exports DESC, top.project_id;
+
+-- name: compact_export_summaries
+-- Folds the system summaries' delta rows (migrations/0003); returns how many it folded (0: none, or another
+-- replica was folding).
+SELECT compact_export_summaries();
 
 -- --- Retention (migrations/0002_export_archive.sql): the archiver; history over the ledger and the archive ---
 

@@ -29,6 +29,7 @@ from metering.servicer import MeteringServicer
 log = logging.getLogger("metering.server")
 
 _SERVICE = metering_pb2.DESCRIPTOR.services_by_name["Metering"]
+SUMMARY_COMPACT_SECONDS = 1.0
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -86,6 +87,7 @@ class MeteringServer:
         self._tasks = [
             asyncio.create_task(self._probe_forever(), name="metering-health-probe"),
             asyncio.create_task(self._reap_forever(), name="metering-reaper"),
+            asyncio.create_task(self._compact_forever(), name="metering-summaries"),
         ]
         if config.retention_days > 0:
             self._tasks.append(asyncio.create_task(self._archive_forever(), name="metering-archiver"))
@@ -191,6 +193,18 @@ class MeteringServer:
                 log.info("reservations expired", extra={"count": reaped})
             if reaped < batch:
                 await asyncio.sleep(self.config.reaper_interval_seconds)
+
+    async def _compact_forever(self) -> None:
+        """Folds the system summaries' deltas every second, so system-wide GetStats reads few of them."""
+        assert self.core is not None
+        while True:
+            try:
+                await self.core.compact_summaries()
+            except errors.Unavailable:
+                pass  # the health probe reports it; try again next round
+            except Exception:
+                log.exception("summary compaction failed")
+            await asyncio.sleep(SUMMARY_COMPACT_SECONDS)
 
     async def _archive_forever(self) -> None:
         """Moves old closed exports to the archive every archive interval. Replicas started together begin at

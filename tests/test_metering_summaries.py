@@ -1,51 +1,37 @@
-"""The system-wide summaries (migrations/0003): whatever order and grouping the rollups are written in,
-including exports of a day that has already ended and two writers racing at midnight, the triggers leave
-exactly what rebuild_export_summaries() computes from the rollups afterwards."""
+"""The system-wide summaries (migrations/0003): whatever order the days come in, alone or in batches, and
+when a reservation's day ends while it waits for the first reservation of the next day, the service leaves
+exactly what rebuild_export_summaries() computes from the rollups afterwards; folding the deltas while
+writers append them neither loses nor doubles one."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from exportapi.metering.v1 import metering_pb2 as pb
+from tests.support.faults import ledger_violations
+from tests.support.metering import FakeClock, metering_stub, reserve_request, start_metering
+
 SUMMARIES = {
-    "system_rollups": """SELECT day, shard, format, render_mode, exports, reserved, completed, failed, cancelled,
+    "system_rollups": """SELECT day, format, render_mode, exports, reserved, completed, failed, cancelled,
                                 expired, round(completed_duration_seconds::numeric, 6), completed_bytes,
                                 last_export_at
-                         FROM system_rollups ORDER BY 1, 2, 3, 4""",
+                         FROM system_rollups ORDER BY 1, 2, 3""",
     "system_render_time_histogram": "SELECT day, bucket, count FROM system_render_time_histogram ORDER BY 1, 2",
-    "export_counters": "SELECT * FROM export_counters ORDER BY kind, id",
+    "export_counters": "SELECT * FROM export_counters WHERE exports > 0 ORDER BY kind, id",
     "export_counter_history": "SELECT * FROM export_counter_history ORDER BY kind, id, day",
 }
-
-UPSERT_ROLLUPS = """
-INSERT INTO export_rollups AS r (day, user_id, project_id, format, render_mode, exports, reserved, last_export_at)
-SELECT * FROM unnest($1::date[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $6::bigint[],
-                     $7::timestamptz[])
-ON CONFLICT (day, user_id, project_id, format, render_mode) DO UPDATE
-SET exports = r.exports + EXCLUDED.exports, reserved = r.reserved + EXCLUDED.reserved,
-    last_export_at = greatest(r.last_export_at, EXCLUDED.last_export_at)
-"""
-
-COMPLETE_SOME = """
-UPDATE export_rollups
-SET reserved = reserved - 1, completed = completed + 1, completed_duration_seconds = completed_duration_seconds + 2.5,
-    completed_bytes = completed_bytes + 1000
-WHERE reserved > 0 AND user_id = $1
-"""
-
-ADD_RENDER_TIMES = """
-INSERT INTO render_time_histogram AS h (day, user_id, project_id, bucket, count)
-SELECT * FROM unnest($1::date[], $2::text[], $3::text[], $4::integer[], $5::bigint[])
-ON CONFLICT (day, user_id, project_id, bucket) DO UPDATE SET count = h.count + EXCLUDED.count
-"""
-
-DAY0 = date(2026, 3, 1)
+DAY0 = datetime(2032, 3, 1, tzinfo=UTC)
+UNLIMITED = {"METERING_REAPER_INTERVAL_SECONDS": "3600"}
 
 
 async def summaries(connection: asyncpg.Connection) -> dict[str, list[tuple]]:
+    """The summaries with every delta folded in."""
+    await connection.execute("SELECT compact_export_summaries()")
+    assert await connection.fetchval("SELECT count(*) FROM system_rollup_deltas") == 0
     return {name: [tuple(row) for row in await connection.fetch(sql)] for name, sql in SUMMARIES.items()}
 
 
@@ -55,73 +41,154 @@ async def rebuilt(connection: asyncpg.Connection) -> dict[str, list[tuple]]:
         return await summaries(connection)
 
 
-def _moment(day: date, rng: random.Random) -> datetime:
-    return datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(seconds=rng.randrange(86400))
-
-
-async def test_the_triggers_agree_with_a_rebuild_whatever_the_order_of_days(database_url: str) -> None:
-    rng = random.Random(7)
+async def kept_equals_rebuilt(database_url: str) -> dict[str, list[tuple]]:
+    assert await ledger_violations(database_url) == []
     connection = await asyncpg.connect(database_url)
     try:
-        for _ in range(150):
-            size = rng.choice([1, 1, 1, 3, 8])
-            # Mostly today and later days, sometimes a day already past (a late export) or several days.
-            days = [DAY0 + timedelta(days=rng.choice([0, 1, 2, 3, 4, 5, 6, 9, 12])) for _ in range(size)]
-            users = [f"u{rng.randrange(6)}" for _ in range(size)]
-            columns = (
-                days,
-                users,
-                [f"{user}-p{rng.randrange(3)}" for user in users],
-                [rng.choice(["mp4", "webm", "gif"]) for _ in range(size)],
-                [rng.choice(["local", "lambda"]) for _ in range(size)],
-                [rng.randint(1, 3) for _ in range(size)],
-                [_moment(day, rng) for day in days],
-            )
-            # One (day, user, project, format, mode) key at most once per statement, as in reserve_many.
-            unique = {(c[0], c[1], c[2], c[3], c[4]): c for c in zip(*columns, strict=True)}
-            await connection.execute(UPSERT_ROLLUPS, *map(list, zip(*unique.values(), strict=True)))
-            if rng.random() < 0.4:
-                await connection.execute(COMPLETE_SOME, rng.choice(users))
-            if rng.random() < 0.4:
-                pairs = zip(days, users, strict=True)
-                buckets = {(day, user, f"{user}-p0", rng.randrange(400, 420)) for day, user in pairs}
-                keys = list(zip(*buckets, strict=True))
-                await connection.execute(ADD_RENDER_TIMES, *map(list, keys), [1] * len(buckets))
         kept = await summaries(connection)
-        assert kept["export_counter_history"], "no day ever moved on: the test exercised nothing"
         assert kept == await rebuilt(connection)
+        return kept
     finally:
         await connection.close()
 
 
-async def test_a_late_export_racing_the_first_of_the_next_day_is_counted_once(database_url: str) -> None:
-    """The first export of day 2 holds the user's counter while an export of day 1 (its day ended while
-    it was being reserved) waits for it; once the first commits, the late one must add to the history the
-    first just wrote, which its own statement's snapshot cannot see."""
-    first = await asyncpg.connect(database_url)
-    late = await asyncpg.connect(database_url)
+async def test_the_summaries_agree_with_a_rebuild_whatever_the_order_of_days(database_url: str) -> None:
+    rng = random.Random(7)
+    clock = FakeClock(DAY0)
+    users = [f"u{n}" for n in range(5)]
+    async with start_metering(database_url, env=UNLIMITED, clock=clock) as metering, metering_stub(
+        metering.target
+    ) as stub:
+        for user in users:
+            await stub.SetAccountTier(pb.SetAccountTierRequest(user_id=user, tier="unlimited"))
+        for burst in range(40):
+            # Mostly a later day, sometimes one already past; a burst of concurrent calls is recorded in batches.
+            clock.moment = DAY0 + timedelta(days=rng.choice([0, 1, 2, 3, 5, 8]), seconds=burst)
+            requests = [
+                reserve_request(
+                    f"k{burst}-{n}", user=rng.choice(users), project=f"p{rng.randrange(3)}",
+                    format=rng.choice(["mp4", "webm", "gif"]), seconds=2.0,
+                )
+                for n in range(rng.choice([1, 1, 4, 12]))
+            ]
+            answers = await asyncio.gather(*(stub.CheckAndReserve(request) for request in requests))
+            for answer in answers[: len(answers) // 2]:
+                await stub.Complete(
+                    pb.CompleteRequest(
+                        export_id=answer.export_id, outcome=pb.EXPORT_STATUS_COMPLETED, file_size_bytes=10,
+                        render_seconds=rng.uniform(0.5, 5),
+                    )
+                )
+    kept = await kept_equals_rebuilt(database_url)
+    assert kept["export_counter_history"], "no day ever moved on: the test exercised nothing"
+    assert sum(row[3] for row in kept["system_rollups"]) == sum(
+        row[2] for row in kept["export_counters"] if row[0] == "user"
+    )
+
+
+async def test_a_reservation_whose_day_ended_while_it_waited_is_counted_once(database_url: str) -> None:
+    """The first reservation of day 2 takes the user's counter while one of day 1 (its day ended while it
+    waited) queues behind it; the late one must add to the history the first wrote, which its statement's
+    snapshot, taken before the first committed, cannot see."""
+    clock = FakeClock(DAY0 + timedelta(hours=23, minutes=59))
+    async with start_metering(database_url, env=UNLIMITED, clock=clock) as metering, metering_stub(
+        metering.target
+    ) as stub:
+        await stub.SetAccountTier(pb.SetAccountTierRequest(user_id="night", tier="unlimited"))
+        await stub.CheckAndReserve(reserve_request("before", user="night", project="owl"))
+        holder = await asyncpg.connect(database_url)
+        try:
+            held = holder.transaction()
+            await held.start()
+            await holder.execute("SELECT FROM export_counters WHERE kind = 'user' AND id = 'night' FOR UPDATE")
+            clock.moment = DAY0 + timedelta(days=1, seconds=1)
+            first_of_day_2 = asyncio.ensure_future(
+                stub.CheckAndReserve(reserve_request("day-2", user="night", project="lark"))
+            )
+            await asyncio.sleep(0.5)
+            clock.moment = DAY0 + timedelta(hours=23, minutes=59, seconds=59)
+            late_of_day_1 = asyncio.ensure_future(
+                stub.CheckAndReserve(reserve_request("day-1", user="night", project="hawk"))
+            )
+            await asyncio.sleep(0.5)
+            assert not first_of_day_2.done() and not late_of_day_1.done(), "neither waited for the counter"
+            await held.rollback()
+            day2, day1 = await asyncio.wait_for(asyncio.gather(first_of_day_2, late_of_day_1), 10)
+        finally:
+            await holder.close()
+    assert day1.export.created_at.ToDatetime(tzinfo=UTC).date() == DAY0.date()
+    assert day2.export.created_at.ToDatetime(tzinfo=UTC).date() == (DAY0 + timedelta(days=1)).date()
+    kept = await kept_equals_rebuilt(database_url)
+    history = {(row[0], row[1], row[2]): row[3] for row in kept["export_counter_history"]}
+    assert history[("user", "night", DAY0.date())] == 2
+
+
+async def test_folding_the_deltas_while_writers_append_loses_and_doubles_nothing(database_url: str) -> None:
+    """Writers append deltas (and a row of their own to count them, in the same transaction) while two
+    folders (two replicas) fold them in a loop; every snapshot sees each delta exactly once, folded or not."""
+    writers_done = asyncio.Event()
+    setup = await asyncpg.connect(database_url)
+    await setup.execute("CREATE TABLE written (n integer)")
+    await setup.close()
+    append = """
+        WITH delta AS (
+            INSERT INTO system_rollup_deltas (day, format, render_mode, exports, reserved, completed, failed,
+                                              cancelled, expired, completed_duration_seconds, completed_bytes)
+            VALUES ('2032-03-01', $1, 'local', 1, 1, 0, 0, 0, 0, 0, 0)
+        )
+        INSERT INTO written VALUES (1)"""
+    seen_sql = """
+        SELECT (SELECT coalesce(sum(exports), 0) FROM (SELECT exports FROM system_rollups
+                                                      UNION ALL SELECT exports FROM system_rollup_deltas) AS s),
+               (SELECT count(*) FROM written)"""
+
+    async def write(seed: int) -> None:
+        rng = random.Random(seed)
+        connection = await asyncpg.connect(database_url)
+        try:
+            for _ in range(150):
+                await connection.execute(append, rng.choice(["mp4", "gif"]))
+        finally:
+            await connection.close()
+
+    async def fold() -> int:
+        connection = await asyncpg.connect(database_url)
+        folded = 0
+        try:
+            while not writers_done.is_set():
+                folded += await connection.fetchval("SELECT compact_export_summaries()")
+                async with connection.transaction(isolation="repeatable_read"):
+                    summed, written = await connection.fetchrow(seen_sql)
+                    assert summed == written
+        finally:
+            await connection.close()
+        return folded
+
+    folders = [asyncio.ensure_future(fold()) for _ in range(2)]
+    await asyncio.gather(*(write(seed) for seed in range(4)))
+    writers_done.set()
+    assert sum(await asyncio.gather(*folders)) > 0, "nothing was folded while the writers ran"
+    connection = await asyncpg.connect(database_url)
     try:
-        day1, day2 = DAY0, DAY0 + timedelta(days=1)
-        at1 = datetime(2026, 3, 1, 23, 59, 59, tzinfo=UTC)
-        at2 = datetime(2026, 3, 2, 0, 0, 1, tzinfo=UTC)
-        row = ["u1", "u1-p0", "mp4", "local", 1]
-        await first.execute(UPSERT_ROLLUPS, [day1], *[[value] for value in row], [at1])
-
-        transaction = first.transaction()
-        await transaction.start()
-        await first.execute(UPSERT_ROLLUPS, [day2], *[[value] for value in row], [at2])
-        waiting = asyncio.ensure_future(late.execute(UPSERT_ROLLUPS, [day1], *[[value] for value in row], [at1]))
-        await asyncio.sleep(0.3)
-        assert not waiting.done(), "the late export did not wait for the user's counter"
-        await transaction.commit()
-        await asyncio.wait_for(waiting, 10)
-
-        kept = await summaries(first)
-        history = {(r[0], r[1], r[2]): r[3] for r in kept["export_counter_history"]}
-        assert history[("user", "u1", day1)] == 2
-        counters = {(r[0], r[1]): r for r in kept["export_counters"]}
-        assert counters[("user", "u1")][2] == 3 and counters[("user", "u1")][7] == day2
-        assert kept == await rebuilt(first)
+        await connection.execute("SELECT compact_export_summaries()")
+        assert tuple(await connection.fetchrow(seen_sql)) == (600, 600)
+        assert await connection.fetchval("SELECT count(*) FROM system_rollup_deltas") == 0
     finally:
-        await first.close()
-        await late.close()
+        await connection.close()
+
+
+async def test_a_running_server_folds_the_deltas(database_url: str) -> None:
+    async with start_metering(database_url) as metering, metering_stub(metering.target) as stub:
+        for n in range(3):
+            await stub.CheckAndReserve(reserve_request(f"fold-{n}", user=f"folder-{n}"))
+        connection = await asyncpg.connect(database_url)
+        try:
+            for _ in range(50):
+                pending = await connection.fetchval("SELECT count(*) FROM system_rollup_deltas")
+                if pending == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert pending == 0, "the server did not fold the deltas within 5 s"
+            assert await connection.fetchval("SELECT sum(exports) FROM system_rollups") == 3
+        finally:
+            await connection.close()

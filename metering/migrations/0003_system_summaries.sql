@@ -1,21 +1,24 @@
--- System-wide stats that cost the same at 10k exports and at 1M: summaries kept by triggers on the rollups,
--- so every writer of export_rollups and render_time_histogram (reserve, complete, their batches, the reaper)
--- moves them in its own transaction, and none can forget to.
+-- System-wide stats that cost the same at 10k exports and at 1M, kept in the same statements as the rollups
+-- (metering/queries.sql: reserve, reserve_many, complete, complete_many, rollup_transition):
 --
--- * system_rollups: export_rollups without the user and project, split over 8 shards (by user) so that
---   concurrent writers of one day do not all queue on one row. A window reads at most days x 48 rows.
--- * system_render_time_histogram: render_time_histogram without the user and project.
+-- * system_rollups: export_rollups without the user and project (a window reads at most days x 6 rows), and
+--   system_render_time_histogram: render_time_histogram without them. Every writer of a day would queue on
+--   these few rows, holding their locks through its commit, so writers only append to
+--   system_rollup_deltas / system_render_time_deltas (no lock, no index); compact_export_summaries() folds
+--   the deltas into the rows, one replica at a time, every second (metering/server.py). Readers add the
+--   deltas not folded yet: a fold is one transaction, so a delta is seen exactly once either way.
 -- * export_counters / export_counter_history: the running export count of every user and project, and its
 --   value at the end of each earlier day with exports. A window's count is the running count minus the one
---   at the end of the day before the window: one row and one index probe per user or project, however long
---   its history, where summing its daily rollups grows with every day it exports.
+--   at the end of the day before the window: one row and one index entry per user or project, however long
+--   its history, where summing its daily rollups grows with every day it exports. A reservation locks its
+--   user's and project's counters after their day rows (ensure_usage_rows and lock_reserve_many create
+--   them), so their history only changes under that lock.
 --
--- rebuild_export_summaries() recomputes all four from the rollups: the migration runs it once, operators
+-- rebuild_export_summaries() recomputes all of them from the rollups: the migration runs it once, operators
 -- and bulk loaders may run it again (it locks the rollups against writers while it works).
 
 CREATE TABLE system_rollups (
     day                         date NOT NULL,
-    shard                       smallint NOT NULL,  -- hashtext(user_id) & 7
     format                      text NOT NULL,
     render_mode                 text NOT NULL,
     exports                     bigint NOT NULL DEFAULT 0,
@@ -27,7 +30,22 @@ CREATE TABLE system_rollups (
     completed_duration_seconds  double precision NOT NULL DEFAULT 0,
     completed_bytes             bigint NOT NULL DEFAULT 0,
     last_export_at              timestamptz,
-    PRIMARY KEY (day, shard, format, render_mode)
+    PRIMARY KEY (day, format, render_mode)
+);
+
+CREATE TABLE system_rollup_deltas (
+    day                         date NOT NULL,
+    format                      text NOT NULL,
+    render_mode                 text NOT NULL,
+    exports                     bigint NOT NULL,
+    reserved                    bigint NOT NULL,
+    completed                   bigint NOT NULL,
+    failed                      bigint NOT NULL,
+    cancelled                   bigint NOT NULL,
+    expired                     bigint NOT NULL,
+    completed_duration_seconds  double precision NOT NULL,
+    completed_bytes             bigint NOT NULL,
+    last_export_at              timestamptz
 );
 
 CREATE TABLE system_render_time_histogram (
@@ -35,6 +53,12 @@ CREATE TABLE system_render_time_histogram (
     bucket  integer NOT NULL,
     count   bigint NOT NULL DEFAULT 0 CHECK (count >= 0),
     PRIMARY KEY (day, bucket)
+);
+
+CREATE TABLE system_render_time_deltas (
+    day     date NOT NULL,
+    bucket  integer NOT NULL,
+    count   bigint NOT NULL
 );
 
 CREATE TABLE export_counters (
@@ -69,254 +93,70 @@ CREATE TABLE export_counter_history (
 -- reads them all at once; a counter with no row on that day falls back to its latest earlier one.
 CREATE INDEX export_counter_history_by_day ON export_counter_history (kind, day, id) INCLUDE (exports, mp4, webm, gif);
 
-CREATE TYPE export_rollup_delta AS (
-    day                         date,
-    user_id                     text,
-    project_id                  text,
-    format                      text,
-    render_mode                 text,
-    exports                     bigint,
-    reserved                    bigint,
-    completed                   bigint,
-    failed                      bigint,
-    cancelled                   bigint,
-    expired                     bigint,
-    completed_duration_seconds  double precision,
-    completed_bytes             bigint,
-    last_export_at              timestamptz
-);
-
-CREATE TYPE export_counter_delta AS (
-    kind            text,
-    id              text,
-    day             date,
-    exports         bigint,
-    mp4             bigint,
-    webm            bigint,
-    gif             bigint,
-    last_export_at  timestamptz
-);
-
--- One user's or project's new exports of one day, in any order of days: moves the day on (the totals so far
--- become the history of the old current day), or adds to the current day, or, for a day already past (an
--- export whose day ended while it was being reserved), adds to every total through that day and later.
--- The counter row is locked by the caller; each statement here takes a fresh snapshot (a VOLATILE PL/pgSQL
--- function), so it sees history written by any transaction that held the lock before.
-CREATE FUNCTION export_counter_step(step export_counter_delta) RETURNS void
+-- Folds the delta rows into system_rollups and system_render_time_histogram, in one transaction; returns
+-- how many delta rows it folded. One caller at a time: while another folds, it returns 0 at once.
+CREATE FUNCTION compact_export_summaries() RETURNS bigint
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    current date;
+    rollups bigint;
+    buckets bigint;
 BEGIN
-    SELECT c.current_day INTO current FROM export_counters c WHERE c.kind = step.kind AND c.id = step.id;
-    IF current < step.day THEN
-        INSERT INTO export_counter_history (kind, id, day, exports, mp4, webm, gif)
-        SELECT c.kind, c.id, c.current_day, c.exports, c.mp4, c.webm, c.gif
-        FROM export_counters c WHERE c.kind = step.kind AND c.id = step.id;
-    ELSIF current > step.day THEN
-        INSERT INTO export_counter_history (kind, id, day, exports, mp4, webm, gif)
-        SELECT step.kind, step.id, step.day, coalesce(before.exports, 0), coalesce(before.mp4, 0),
-               coalesce(before.webm, 0), coalesce(before.gif, 0)
-        FROM (SELECT) AS one
-        LEFT JOIN LATERAL (
-            SELECT h.* FROM export_counter_history h
-            WHERE h.kind = step.kind AND h.id = step.id AND h.day < step.day
-            ORDER BY h.day DESC LIMIT 1
-        ) before ON true
-        ON CONFLICT (kind, id, day) DO NOTHING;
-        UPDATE export_counter_history h
-        SET exports = h.exports + step.exports, mp4 = h.mp4 + step.mp4, webm = h.webm + step.webm,
-            gif = h.gif + step.gif
-        WHERE h.kind = step.kind AND h.id = step.id AND h.day >= step.day;
+    IF NOT pg_try_advisory_xact_lock(8319676203190614305) THEN  -- the bytes "summary!"; no other lock uses it
+        RETURN 0;
     END IF;
-    UPDATE export_counters c
-    SET exports = c.exports + step.exports, mp4 = c.mp4 + step.mp4, webm = c.webm + step.webm,
-        gif = c.gif + step.gif, current_day = greatest(c.current_day, step.day),
-        last_export_at = greatest(c.last_export_at, step.last_export_at)
-    WHERE c.kind = step.kind AND c.id = step.id;
-END;
-$$;
-
--- Applies changes of export_rollups rows: the counters of users and projects with new exports (created
--- when missing, locked in key order), then the system rollup (in key order). Every writer locks in this
--- order, after the rollups, so writers never wait in a circle.
-CREATE FUNCTION apply_export_rollup_deltas(deltas export_rollup_delta[]) RETURNS void
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    moved export_counter_delta[];
-    step export_counter_delta;
-BEGIN
-    IF coalesce(cardinality(deltas), 0) = 0 THEN
-        RETURN;
-    END IF;
-    moved := ARRAY(
-        SELECT ROW(k.kind, k.id, d.day, sum(d.exports),
-                   coalesce(sum(d.exports) FILTER (WHERE d.format = 'mp4'), 0),
-                   coalesce(sum(d.exports) FILTER (WHERE d.format = 'webm'), 0),
-                   coalesce(sum(d.exports) FILTER (WHERE d.format = 'gif'), 0),
-                   max(d.last_export_at))::export_counter_delta
-        FROM unnest(deltas) d
-        CROSS JOIN LATERAL (VALUES ('user', d.user_id), ('project', d.project_id)) AS k(kind, id)
-        WHERE d.exports <> 0
-        GROUP BY k.kind, k.id, d.day
-        ORDER BY k.kind, k.id, d.day
-    );
-    IF cardinality(moved) > 0 THEN
-        -- A counter seen for the first time starts with this statement's counts, and is done; the rest
-        -- exist, or are created empty (several days at once) and take the steps below.
-        WITH created AS (
-            INSERT INTO export_counters (kind, id, exports, mp4, webm, gif, last_export_at, current_day)
-            SELECT m.kind, m.id, m.exports, m.mp4, m.webm, m.gif, m.last_export_at, m.day
-            FROM unnest(moved) m
-            WHERE NOT EXISTS (SELECT FROM unnest(moved) o WHERE o.kind = m.kind AND o.id = m.id AND o.day <> m.day)
-            ORDER BY m.kind, m.id
-            ON CONFLICT (kind, id) DO NOTHING
-            RETURNING kind, id
+    WITH taken AS (
+        DELETE FROM system_rollup_deltas RETURNING *
+    ), folded AS (
+        INSERT INTO system_rollups AS s (
+            day, format, render_mode, exports, reserved, completed, failed, cancelled, expired,
+            completed_duration_seconds, completed_bytes, last_export_at
         )
-        SELECT ARRAY(
-            SELECT m FROM unnest(moved) m
-            WHERE NOT EXISTS (SELECT FROM created c WHERE c.kind = m.kind AND c.id = m.id)
-            ORDER BY m.kind, m.id, m.day
-        ) INTO moved;
-    END IF;
-    IF cardinality(moved) > 0 THEN
-        INSERT INTO export_counters (kind, id)
-        SELECT DISTINCT m.kind, m.id FROM unnest(moved) m ORDER BY m.kind, m.id
-        ON CONFLICT (kind, id) DO NOTHING;
-        PERFORM FROM export_counters c
-        WHERE (c.kind, c.id) IN (SELECT m.kind, m.id FROM unnest(moved) m)
-        ORDER BY c.kind, c.id
-        FOR UPDATE;
-        -- The usual case in one statement each: one day per counter, the current one or a later one.
-        INSERT INTO export_counter_history (kind, id, day, exports, mp4, webm, gif)
-        SELECT c.kind, c.id, c.current_day, c.exports, c.mp4, c.webm, c.gif
-        FROM export_counters c JOIN unnest(moved) m ON m.kind = c.kind AND m.id = c.id
-        WHERE c.current_day < m.day
-          AND NOT EXISTS (SELECT FROM unnest(moved) o WHERE o.kind = m.kind AND o.id = m.id AND o.day <> m.day);
-        UPDATE export_counters c
-        SET exports = c.exports + m.exports, mp4 = c.mp4 + m.mp4, webm = c.webm + m.webm, gif = c.gif + m.gif,
-            current_day = m.day, last_export_at = greatest(c.last_export_at, m.last_export_at)
-        FROM unnest(moved) m
-        WHERE m.kind = c.kind AND m.id = c.id AND (c.current_day IS NULL OR c.current_day <= m.day)
-          AND NOT EXISTS (SELECT FROM unnest(moved) o WHERE o.kind = m.kind AND o.id = m.id AND o.day <> m.day);
-        -- The rest (a past day, or several days of one counter): a step at a time, oldest day first. The
-        -- updated counters above now have current_day = m.day, so they are not picked again.
-        FOR step IN
-            SELECT m.* FROM unnest(moved) m JOIN export_counters c ON c.kind = m.kind AND c.id = m.id
-            WHERE c.current_day > m.day
-               OR EXISTS (SELECT FROM unnest(moved) o WHERE o.kind = m.kind AND o.id = m.id AND o.day <> m.day)
-            ORDER BY m.kind, m.id, m.day
-        LOOP
-            PERFORM export_counter_step(step);
-        END LOOP;
-    END IF;
-    INSERT INTO system_rollups AS s (
-        day, shard, format, render_mode, exports, reserved, completed, failed, cancelled, expired,
-        completed_duration_seconds, completed_bytes, last_export_at
+        SELECT day, format, render_mode, sum(exports), sum(reserved), sum(completed), sum(failed), sum(cancelled),
+               sum(expired), sum(completed_duration_seconds), sum(completed_bytes), max(last_export_at)
+        FROM taken GROUP BY 1, 2, 3
+        ON CONFLICT (day, format, render_mode) DO UPDATE
+        SET exports = s.exports + EXCLUDED.exports, reserved = s.reserved + EXCLUDED.reserved,
+            completed = s.completed + EXCLUDED.completed, failed = s.failed + EXCLUDED.failed,
+            cancelled = s.cancelled + EXCLUDED.cancelled, expired = s.expired + EXCLUDED.expired,
+            completed_duration_seconds = s.completed_duration_seconds + EXCLUDED.completed_duration_seconds,
+            completed_bytes = s.completed_bytes + EXCLUDED.completed_bytes,
+            last_export_at = greatest(s.last_export_at, EXCLUDED.last_export_at)
     )
-    SELECT d.day, hashtext(d.user_id) & 7, d.format, d.render_mode, sum(d.exports), sum(d.reserved),
-           sum(d.completed), sum(d.failed), sum(d.cancelled), sum(d.expired), sum(d.completed_duration_seconds),
-           sum(d.completed_bytes), max(d.last_export_at)
-    FROM unnest(deltas) d
-    GROUP BY 1, 2, 3, 4
-    ORDER BY 1, 2, 3, 4
-    ON CONFLICT (day, shard, format, render_mode) DO UPDATE
-    SET exports = s.exports + EXCLUDED.exports, reserved = s.reserved + EXCLUDED.reserved,
-        completed = s.completed + EXCLUDED.completed, failed = s.failed + EXCLUDED.failed,
-        cancelled = s.cancelled + EXCLUDED.cancelled, expired = s.expired + EXCLUDED.expired,
-        completed_duration_seconds = s.completed_duration_seconds + EXCLUDED.completed_duration_seconds,
-        completed_bytes = s.completed_bytes + EXCLUDED.completed_bytes,
-        last_export_at = greatest(s.last_export_at, EXCLUDED.last_export_at);
-END;
-$$;
-
-CREATE FUNCTION export_rollups_inserted() RETURNS trigger
-LANGUAGE plpgsql
-AS $$
-BEGIN
-    PERFORM apply_export_rollup_deltas(ARRAY(
-        SELECT ROW(n.day, n.user_id, n.project_id, n.format, n.render_mode, n.exports, n.reserved, n.completed,
-                   n.failed, n.cancelled, n.expired, n.completed_duration_seconds, n.completed_bytes,
-                   n.last_export_at)::export_rollup_delta
-        FROM inserted_rows n
-    ));
-    RETURN NULL;
-END;
-$$;
-
-CREATE FUNCTION export_rollups_updated() RETURNS trigger
-LANGUAGE plpgsql
-AS $$
-BEGIN
-    PERFORM apply_export_rollup_deltas(ARRAY(
-        SELECT ROW(n.day, n.user_id, n.project_id, n.format, n.render_mode, n.exports - o.exports,
-                   n.reserved - o.reserved, n.completed - o.completed, n.failed - o.failed,
-                   n.cancelled - o.cancelled, n.expired - o.expired,
-                   n.completed_duration_seconds - o.completed_duration_seconds,
-                   n.completed_bytes - o.completed_bytes, n.last_export_at)::export_rollup_delta
-        FROM new_rows n JOIN old_rows o USING (day, user_id, project_id, format, render_mode)
-    ));
-    RETURN NULL;
-END;
-$$;
-
-CREATE TRIGGER export_rollups_inserted AFTER INSERT ON export_rollups
-REFERENCING NEW TABLE AS inserted_rows
-FOR EACH STATEMENT EXECUTE FUNCTION export_rollups_inserted();
-
-CREATE TRIGGER export_rollups_updated AFTER UPDATE ON export_rollups
-REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-FOR EACH STATEMENT EXECUTE FUNCTION export_rollups_updated();
-
--- Render-time buckets of every user and project added up per day, in key order.
-CREATE FUNCTION render_time_histogram_changed() RETURNS trigger
-LANGUAGE plpgsql
-AS $$
-BEGIN
-    IF TG_OP = 'INSERT' THEN
+    SELECT count(*) INTO rollups FROM taken;
+    WITH taken AS (
+        DELETE FROM system_render_time_deltas RETURNING *
+    ), folded AS (
         INSERT INTO system_render_time_histogram AS s (day, bucket, count)
-        SELECT n.day, n.bucket, sum(n.count) FROM inserted_rows n
-        GROUP BY 1, 2 ORDER BY 1, 2
-        ON CONFLICT (day, bucket) DO UPDATE SET count = s.count + EXCLUDED.count;
-    ELSE
-        INSERT INTO system_render_time_histogram AS s (day, bucket, count)
-        SELECT n.day, n.bucket, sum(n.count - o.count)
-        FROM new_rows n JOIN old_rows o USING (day, user_id, project_id, bucket)
-        GROUP BY 1, 2 ORDER BY 1, 2
-        ON CONFLICT (day, bucket) DO UPDATE SET count = s.count + EXCLUDED.count;
-    END IF;
-    RETURN NULL;
+        SELECT day, bucket, sum(count) FROM taken GROUP BY 1, 2
+        ON CONFLICT (day, bucket) DO UPDATE SET count = s.count + EXCLUDED.count
+    )
+    SELECT count(*) INTO buckets FROM taken;
+    RETURN rollups + buckets;
 END;
 $$;
 
-CREATE TRIGGER render_time_histogram_inserted AFTER INSERT ON render_time_histogram
-REFERENCING NEW TABLE AS inserted_rows
-FOR EACH STATEMENT EXECUTE FUNCTION render_time_histogram_changed();
-
-CREATE TRIGGER render_time_histogram_updated AFTER UPDATE ON render_time_histogram
-REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-FOR EACH STATEMENT EXECUTE FUNCTION render_time_histogram_changed();
-
--- All four summaries recomputed from the rollups, which are locked against writers meanwhile (SHARE mode:
+-- All the summaries recomputed from the rollups, which are locked against writers meanwhile (SHARE mode:
 -- readers go on). For this migration, a repair, or after a bulk load done with the triggers disabled.
 CREATE FUNCTION rebuild_export_summaries() RETURNS void
 LANGUAGE plpgsql
 AS $$
 BEGIN
     LOCK TABLE export_rollups, render_time_histogram IN SHARE MODE;
+    DELETE FROM system_rollup_deltas;
+    DELETE FROM system_render_time_deltas;
     DELETE FROM system_rollups;
     DELETE FROM system_render_time_histogram;
     DELETE FROM export_counter_history;
     DELETE FROM export_counters;
     INSERT INTO system_rollups (
-        day, shard, format, render_mode, exports, reserved, completed, failed, cancelled, expired,
+        day, format, render_mode, exports, reserved, completed, failed, cancelled, expired,
         completed_duration_seconds, completed_bytes, last_export_at
     )
-    SELECT day, hashtext(user_id) & 7, format, render_mode, sum(exports), sum(reserved), sum(completed),
+    SELECT day, format, render_mode, sum(exports), sum(reserved), sum(completed),
            sum(failed), sum(cancelled), sum(expired), sum(completed_duration_seconds), sum(completed_bytes),
            max(last_export_at)
-    FROM export_rollups GROUP BY 1, 2, 3, 4;
+    FROM export_rollups GROUP BY 1, 2, 3;
     INSERT INTO system_render_time_histogram (day, bucket, count)
     SELECT day, bucket, sum(count) FROM render_time_histogram GROUP BY 1, 2;
     CREATE TEMPORARY TABLE counter_days ON COMMIT DROP AS

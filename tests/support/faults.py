@@ -581,18 +581,25 @@ _CONSISTENCY_CHECKS = {
 SUMMARY_CHECKS = {
     "system_rollups differ from export_rollups": """
         WITH recount AS (
-            SELECT day, hashtext(user_id) & 7 AS shard, format, render_mode, sum(exports) AS exports,
+            SELECT day, format, render_mode, sum(exports) AS exports,
                    sum(reserved) AS reserved, sum(completed) AS completed, sum(failed) AS failed,
                    sum(cancelled) AS cancelled, sum(expired) AS expired, sum(completed_bytes) AS completed_bytes,
                    sum(completed_duration_seconds) AS completed_seconds, max(last_export_at) AS last_export_at
-            FROM export_rollups GROUP BY 1, 2, 3, 4
+            FROM export_rollups GROUP BY 1, 2, 3
+        ), kept AS (
+            SELECT day, format, render_mode, sum(exports) AS exports, sum(reserved) AS reserved,
+                   sum(completed) AS completed, sum(failed) AS failed, sum(cancelled) AS cancelled,
+                   sum(expired) AS expired, sum(completed_bytes) AS completed_bytes,
+                   sum(completed_duration_seconds) AS completed_duration_seconds, max(last_export_at) AS last_export_at
+            FROM (SELECT * FROM system_rollups UNION ALL SELECT * FROM system_rollup_deltas) AS folded_or_not
+            GROUP BY 1, 2, 3
         )
-        SELECT day, shard, format, render_mode,
+        SELECT day, format, render_mode,
                (s.exports, s.reserved, s.completed, s.failed, s.cancelled, s.expired, s.completed_bytes,
                 s.last_export_at)::text AS stored,
                (r.exports, r.reserved, r.completed, r.failed, r.cancelled, r.expired, r.completed_bytes,
                 r.last_export_at)::text AS recount
-        FROM system_rollups s FULL JOIN recount r USING (day, shard, format, render_mode)
+        FROM kept s FULL JOIN recount r USING (day, format, render_mode)
         WHERE (s.exports, s.reserved, s.completed, s.failed, s.cancelled, s.expired, s.completed_bytes,
                s.last_export_at)
               IS DISTINCT FROM
@@ -602,7 +609,12 @@ SUMMARY_CHECKS = {
     """,
     "system_render_time_histogram differs from render_time_histogram": """
         SELECT day, bucket, s.count AS stored, r.count AS recount
-        FROM system_render_time_histogram s
+        FROM (
+            SELECT day, bucket, sum(count) AS count
+            FROM (SELECT day, bucket, count FROM system_render_time_histogram
+                  UNION ALL SELECT day, bucket, count FROM system_render_time_deltas) AS folded_or_not
+            GROUP BY 1, 2
+        ) s
         FULL JOIN (SELECT day, bucket, sum(count) AS count FROM render_time_histogram GROUP BY 1, 2) r
           USING (day, bucket)
         WHERE s.count IS DISTINCT FROM r.count
@@ -630,6 +642,7 @@ SUMMARY_CHECKS = {
         ), kept AS (
             SELECT kind, id, current_day AS day, exports, mp4, webm, gif, last_export_at, true AS is_counter
             FROM export_counters
+            WHERE exports <> 0 OR current_day IS NOT NULL  -- created for a reservation that was refused
             UNION ALL
             SELECT kind, id, day, exports, mp4, webm, gif, NULL, false FROM export_counter_history
         )
