@@ -34,11 +34,13 @@ SELECT * FROM exports WHERE user_id = $1 AND idempotency_key = $2;
 
 -- name: ensure_usage_rows
 -- The user's and the project's counters of the day and their running export counters, created at 0 when
--- missing (locks nothing). $1 user, $2 day, $3 project.
+-- missing (locks nothing). A new running counter starts on the day (no history to write when its first
+-- export comes, and the update that counts it leaves its indexed columns alone). $1 user, $2 day, $3 project.
 WITH daily AS (
     INSERT INTO daily_usage (user_id, day, used) VALUES ($1, $2, 0) ON CONFLICT DO NOTHING
 ), counters AS (
-    INSERT INTO export_counters (kind, id) VALUES ('project', $3), ('user', $1) ON CONFLICT DO NOTHING
+    INSERT INTO export_counters (kind, id, current_day) VALUES ('project', $3, $2), ('user', $1, $2)
+    ON CONFLICT DO NOTHING
 )
 INSERT INTO project_daily_usage (project_id, day, used) VALUES ($3, $2, 0) ON CONFLICT DO NOTHING;
 
@@ -164,8 +166,8 @@ WITH daily AS (
     ON CONFLICT (project_id, day) DO UPDATE SET used = p.used
     RETURNING project_id, used
 ), counter AS (
-    INSERT INTO export_counters AS c (kind, id)
-    SELECT k.kind, k.id
+    INSERT INTO export_counters AS c (kind, id, current_day)
+    SELECT k.kind, k.id, $2
     FROM (SELECT 'project' AS kind, p AS id FROM unnest($3::text[]) AS p
           UNION ALL
           SELECT 'user', u FROM unnest($1::text[]) AS u) AS k

@@ -22,7 +22,7 @@ SUMMARIES = {
                          FROM system_rollups ORDER BY 1, 2, 3""",
     "system_render_time_histogram": "SELECT day, bucket, count FROM system_render_time_histogram ORDER BY 1, 2",
     "export_counters": "SELECT * FROM export_counters WHERE exports > 0 ORDER BY kind, id",
-    "export_counter_history": "SELECT * FROM export_counter_history ORDER BY kind, id, day",
+    "export_counter_history": "SELECT * FROM export_counter_history WHERE exports > 0 ORDER BY kind, id, day",
 }
 DAY0 = datetime(2032, 3, 1, tzinfo=UTC)
 UNLIMITED = {"METERING_REAPER_INTERVAL_SECONDS": "3600"}

@@ -640,11 +640,11 @@ SUMMARY_CHECKS = {
                    day = current_day AS is_counter
             FROM running
         ), kept AS (
+            -- Counters and history rows with no exports yet are created for reservations that were refused.
             SELECT kind, id, current_day AS day, exports, mp4, webm, gif, last_export_at, true AS is_counter
-            FROM export_counters
-            WHERE exports <> 0 OR current_day IS NOT NULL  -- created for a reservation that was refused
+            FROM export_counters WHERE exports <> 0
             UNION ALL
-            SELECT kind, id, day, exports, mp4, webm, gif, NULL, false FROM export_counter_history
+            SELECT kind, id, day, exports, mp4, webm, gif, NULL, false FROM export_counter_history WHERE exports <> 0
         )
         SELECT kind, id, day, is_counter, (k.exports, k.mp4, k.webm, k.gif, k.last_export_at)::text AS stored,
                (e.exports, e.mp4, e.webm, e.gif, e.last_export_at)::text AS recount
