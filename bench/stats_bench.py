@@ -133,19 +133,14 @@ async def seed(dsn: str, exports: int, users: int) -> dict[str, Any]:
         await connection.execute(SEED_LEDGER, exports, users)
         for index in indexes:
             await connection.execute(index["indexdef"])
-        # The rollups' triggers keep the system summaries one statement at a time; a bulk load turns them
-        # off and rebuilds the summaries once, as the migration does.
-        async with connection.transaction():
-            for table in ("export_rollups", "render_time_histogram"):
-                await connection.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
-            for statement in DERIVE:
-                if "$1" in statement:
-                    await connection.execute(statement, users)
-                else:
-                    await connection.execute(statement)
-            for table in ("export_rollups", "render_time_histogram"):
-                await connection.execute(f"ALTER TABLE {table} ENABLE TRIGGER USER")
-            await connection.execute("SELECT rebuild_export_summaries()")
+        for statement in DERIVE:
+            if "$1" in statement:
+                await connection.execute(statement, users)
+            else:
+                await connection.execute(statement)
+        # The service keeps the system summaries statement by statement; a bulk load rebuilds them once, as
+        # the migration does.
+        await connection.execute("SELECT rebuild_export_summaries()")
         # As autovacuum would have left a settled database (visibility map set: index-only scans).
         await connection.execute("VACUUM ANALYZE")
         counts = {
