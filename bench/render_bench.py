@@ -37,10 +37,11 @@ class RenderSettings:
     fps: float = 30.0
     seconds: float = 10.0
     repetitions: int = 3
+    largest_frame: bool = True  # also measure the largest frame the renderer accepts (for sizing deploy/k8s)
 
     @classmethod
     def quick(cls) -> RenderSettings:
-        return cls(width=160, height=120, fps=10.0, seconds=1.0, repetitions=1)
+        return cls(width=160, height=120, fps=10.0, seconds=1.0, repetitions=1, largest_frame=False)
 
 
 def composition(settings: RenderSettings) -> Any:
@@ -105,20 +106,39 @@ def _run_measured(args: list[str]) -> _Measured:
         )
 
 
-async def _raw_ffmpeg(c: Any, work: Path) -> _Measured:
+async def _raw_ffmpeg(c: Any, work: Path, fmt: Any = None) -> _Measured:
     from renderer.domain import OutputFormat
     from renderer.ffmpeg_graph import build_render
     from renderer.sources import SourceResolver
 
+    fmt = fmt or OutputFormat.MP4
     workdir = work / f"raw-{uuid.uuid4().hex[:8]}"
     workdir.mkdir()
-    output = workdir / "out.mp4"
+    output = workdir / f"out.{fmt.value}"
     sources = await SourceResolver([]).resolve_composition(c, workdir)
-    command = build_render(c, OutputFormat.MP4, output, sources, workdir=workdir)
+    command = build_render(c, fmt, output, sources, workdir=workdir)
     done = await asyncio.to_thread(_run_measured, list(command.args))
     if done.returncode != 0:
         raise RuntimeError(f"raw ffmpeg failed: {done.stderr.decode(errors='replace')[-1000:]}")
     return done
+
+
+async def _largest_frames(work: Path, settings: RenderSettings) -> dict[str, dict[str, float]]:
+    """One second at the largest frame the renderer accepts, in each format: what one render can take of a
+    node at most (x264 and VP9 buffers grow with the frame; the length adds little)."""
+    from renderer.domain import OutputFormat
+    from renderer.validation import MAX_HEIGHT, MAX_WIDTH
+
+    width, height = (MAX_WIDTH, MAX_HEIGHT) if settings.largest_frame else (settings.width, settings.height)
+    c = composition(RenderSettings(width=width, height=height, fps=settings.fps, seconds=1.0))
+    figures = {}
+    for fmt in OutputFormat:
+        done = await _raw_ffmpeg(c, work, fmt)
+        figures[fmt.value] = {
+            "width": width, "height": height, "seconds": round(done.seconds, 2),
+            "cpu_cores": round(done.cpu_seconds / done.seconds, 2), "peak_rss_mib": round(done.peak_rss_mib, 1),
+        }
+    return figures
 
 
 async def run_render(pg: BenchPostgres, settings: RenderSettings) -> dict[str, Any]:
@@ -133,6 +153,7 @@ async def run_render(pg: BenchPostgres, settings: RenderSettings) -> dict[str, A
     raw: list[_Measured] = []
     jobs: list[float] = []
     metering_rss = 0.0
+    largest: dict[str, dict[str, float]] = {}
     try:
         async with metering_process(dsn) as service:
             with tempfile.TemporaryDirectory(prefix="bench-render-") as name:
@@ -155,6 +176,7 @@ async def run_render(pg: BenchPostgres, settings: RenderSettings) -> dict[str, A
                         raw.append(await _raw_ffmpeg(c, work))
                         jobs.append(await _job(runner, c, OutputFormat.MP4, RenderRequest, JobState))
                     metering_rss = peak_rss_mib(service.pid)
+                    largest = await _largest_frames(work, settings)
                 finally:
                     await runner.shutdown(5)
                     await outbox.close()
@@ -185,6 +207,7 @@ async def run_render(pg: BenchPostgres, settings: RenderSettings) -> dict[str, A
             "ffmpeg_peak_rss_mib": round(max(r.peak_rss_mib for r in raw), 1),
             "job_runner_process_peak_rss_mib": peak_rss_mib(),
             "metering_peak_rss_mib": metering_rss,
+            "largest_frame": largest,
         },
         "targets": {"ratio": TARGET_RATIO, "metering_ms_per_render": TARGET_METERING_MS},
     }

@@ -92,7 +92,12 @@ def _resource_lines(resources: dict[str, float] | None) -> list[str]:
         f"  one render's ffmpeg: {resources['ffmpeg_cpu_cores']:.2f} cores,"
         f" peak {resources['ffmpeg_peak_rss_mib']:.0f} MiB;"
         f" peaks: job runner process {resources['job_runner_process_peak_rss_mib']:.0f} MiB,"
-        f" metering {resources['metering_peak_rss_mib']:.0f} MiB"
+        f" metering {resources['metering_peak_rss_mib']:.0f} MiB",
+        *(
+            f"  {fmt} at {figures['width']}x{figures['height']}: {figures['cpu_cores']:.2f} cores, "
+            f"peak {figures['peak_rss_mib']:.0f} MiB"
+            for fmt, figures in resources.get("largest_frame", {}).items()
+        ),
     ]
 
 
