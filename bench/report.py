@@ -121,6 +121,12 @@ def markdown_table(results: dict[str, Any]) -> str:
                 f"| metering pairs/s, {shape} | {service['pairs_per_second']:.0f} | pgbench same SQL "
                 f"{pgbench['pairs_per_second']:.0f} | {figures['ratio_vs_pgbench']} | |"
             )
+            if "server_cpu_ms_per_pair" in service and "server_cpu_ms_per_pair" in noop:
+                rows.append(
+                    f"| CPU per pair at saturation, {shape}: server / clients + PostgreSQL | "
+                    f"{service['server_cpu_ms_per_pair']:.2f} / {service['other_cpu_ms_per_pair']:.2f} ms | no-op "
+                    f"{noop['server_cpu_ms_per_pair']:.2f} / {noop['other_cpu_ms_per_pair']:.2f} ms | | reported |"
+                )
             rows.append(
                 f"| pair p50 / p99 at saturation ({service['in_flight']} in flight), {shape} | "
                 f"{service['p50_ms']:.1f} / {service['p99_ms']:.1f} ms | queueing {figures['queueing_latency_ms']} ms"

@@ -5,6 +5,7 @@ the tiers file where METERING_TIERS_FILE says, selectors that select, and drain 
 from __future__ import annotations
 
 import ast
+import json
 import re
 import shutil
 import subprocess
@@ -244,3 +245,60 @@ def test_drain_fits_in_the_termination_grace_period() -> None:
     daemonset = find("DaemonSet", "renderer")
     pre_stop = container(daemonset, "renderer")["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= pre_stop + 2 * renderer_grace
+
+
+# --- resources sized from the measurements -----------------------------------------------------------------
+
+BENCH_RESULTS = REPO / "bench" / "results" / "latest.json"
+_MEMORY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def cores(quantity: str | int | float) -> float:
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def mebibytes(quantity: str) -> float:
+    for suffix, factor in _MEMORY_UNITS.items():
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * factor / 2**20
+    return float(quantity) / 2**20
+
+
+def measured() -> dict:
+    results = json.loads(BENCH_RESULTS.read_text())
+    assert "resources" in results["render"] and "server_peak_rss_mib" in results["metering"]["spread"], (
+        "bench/results/latest.json predates the resource figures: run `make bench`"
+    )
+    return results
+
+
+def test_metering_resources_cover_what_the_benchmark_measured() -> None:
+    """Requests: the CPU at half the measured maximum and 1.5x the peak resident set; limits: at least the CPU
+    flat out and 3x the peak. A slower release fails here until the manifests are sized again."""
+    results = measured()["metering"]
+    shapes = [results[shape] for shape in ("spread", "hot") if shape in results]
+    half_load_cpu = max(shape["open_loop"]["server_cpu_cores"] for shape in shapes)
+    full_load_cpu = max(shape["service"]["server_cpu_cores"] for shape in shapes)
+    peak = max(shape["server_peak_rss_mib"] for shape in shapes)
+    resources = container(find("Deployment", "metering"), "metering")["resources"]
+    assert cores(resources["requests"]["cpu"]) >= half_load_cpu
+    assert cores(resources["limits"]["cpu"]) >= full_load_cpu
+    assert mebibytes(resources["requests"]["memory"]) >= 1.5 * peak
+    assert mebibytes(resources["limits"]["memory"]) >= 3 * peak
+
+
+def test_renderer_resources_cover_its_concurrent_renders_at_the_largest_frame() -> None:
+    """Requests: one render at its measured speed and the largest render's memory plus the process; limits:
+    RENDER_CONCURRENCY of them."""
+    render = measured()["render"]["resources"]
+    largest = max(figures["peak_rss_mib"] for figures in render["largest_frame"].values())
+    busiest = max([render["ffmpeg_cpu_cores"], *(f["cpu_cores"] for f in render["largest_frame"].values())])
+    process = render["job_runner_process_peak_rss_mib"]
+    renderer = container(find("DaemonSet", "renderer"), "renderer")
+    concurrency = int(env_of(renderer)["RENDER_CONCURRENCY"]["value"])
+    resources = renderer["resources"]
+    assert cores(resources["requests"]["cpu"]) >= busiest
+    assert cores(resources["limits"]["cpu"]) >= concurrency * busiest
+    assert mebibytes(resources["requests"]["memory"]) >= largest + process
+    assert mebibytes(resources["limits"]["memory"]) >= concurrency * largest + process
