@@ -85,6 +85,9 @@ class MeteringCore:
         self._lease = timedelta(seconds=lease_seconds)
         self._policy = policy or QuotaPolicy()
         self._events = events or _NoEvents()
+        # (user, project, day) whose day rows and counters this replica has created or seen: a reservation for
+        # any other creates them first, rather than finding them missing in a whole reservation statement.
+        self._rows_ready: set[tuple[str, str, date]] = set()
         # Calls that arrive while others are being recorded are recorded together (metering/batching.py).
         self._reservations: Batcher[NewExport, ReserveResult] = Batcher(
             self._reserve_batch, key=lambda new: (new.user_id, new.idempotency_key), max_batch=reserve_batch_size
@@ -115,10 +118,14 @@ class MeteringCore:
         fingerprint = new.fingerprint()
         now = self._policy.now()
         day = self._policy.day_of(now)
+        rows = (new.user_id, new.project_id, day)
+        if rows not in self._rows_ready:
+            await connection.execute(QUERIES["ensure_usage_rows"], new.user_id, day, new.project_id)
         row = await self._reserve_statement(connection, new, fingerprint, day, now)
-        if row["new_day"]:
+        if row["new_day"]:  # made by no one yet after all (a restored database, say)
             await connection.execute(QUERIES["ensure_usage_rows"], new.user_id, day, new.project_id)
             row = await self._reserve_statement(connection, new, fingerprint, day, now)
+        self._remember_rows_ready([rows])
         if row["late"]:
             raise _DayEndedMeanwhile
         tier = self._tiers.resolve(row["tier"])
@@ -205,6 +212,11 @@ class MeteringCore:
                     outcomes[index] = error
         return outcomes  # type: ignore[return-value]
 
+    def _remember_rows_ready(self, keys: Sequence[tuple[str, str, date]]) -> None:
+        if len(self._rows_ready) + len(keys) > _ROWS_READY_REMEMBERED:
+            self._rows_ready.clear()  # yesterday's keys go too; a forgotten one costs one idempotent insert
+        self._rows_ready.update(keys)
+
     async def _reserve_many(
         self, connection: asyncpg.Connection, batch: Sequence[NewExport], now: datetime
     ) -> list[ReserveResult | Exception | object]:
@@ -233,6 +245,7 @@ class MeteringCore:
                 account_tiers[row["id"]] = row["tier"]
             else:
                 taken.add((row["id"], row["idempotency_key"]))
+        self._remember_rows_ready([(new.user_id, new.project_id, day) for new in batch])
         outcomes: list[ReserveResult | Exception | object] = []
         admitted: list[tuple[int, uuid.UUID, int, Tier]] = []
         for index, new in enumerate(batch):
@@ -661,6 +674,9 @@ def _already_closed(export: Export, outcome: ExportStatus) -> errors.FailedPreco
             ),
         ),
     )
+
+
+_ROWS_READY_REMEMBERED = 100_000
 
 
 class _DayEndedMeanwhile(Exception):
