@@ -9,8 +9,7 @@ The server installs one interceptor, `MeteringInterceptor`: for a unary Metering
 method's first call, a single wrapper that does, in this order, what four stacked interceptors did (metrics
 with the final code, authentication before the request bytes are parsed, refusal of undecodable bytes,
 status mapping and the log line), and reuses it for every later call. Other services (health, reflection)
-go through the separate interceptors, in the same order. `interceptor_chain` is the same thing as separate
-interceptors (authentication, undecodable refusal, `StatusInterceptor`), to put behind a MetricsInterceptor.
+go through the separate interceptors, in the same order.
 """
 
 from __future__ import annotations
@@ -256,29 +255,6 @@ class _Cache:
         self._wrapped[method] = (handler, wrapped)
 
 
-class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors of every unary Metering RPC to status codes, and logs one line per call."""
-
-    def __init__(self, service: str = METERING_SERVICE) -> None:
-        self._prefix = f"/{service}/"
-        self._cache = _Cache()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not method.startswith(self._prefix):
-            return handler
-        wrapped = self._cache.get(method, handler)
-        if wrapped is None:
-            wrapped = _unary_pipeline(handler, method)
-            self._cache.put(method, handler, wrapped)
-        return wrapped
-
-
 class MeteringInterceptor(grpc.aio.ServerInterceptor):
     """The metering server's only interceptor (see the module's docstring): metrics, authentication
     (`tokens`; None: none), undecodable refusal, status mapping and the log line, one wrapper per call."""
@@ -317,15 +293,3 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
             if handler is None:
                 return None
         return handler
-
-
-def interceptor_chain(tokens: TokenTable | None = None) -> list[grpc.aio.ServerInterceptor]:
-    """Outermost first, to put behind a MetricsInterceptor. Authentication (METERING_AUTH_TOKENS; None: none)
-    goes before the status mapping so that its refusals are not rewritten, and so that nothing runs for a
-    caller it refuses."""
-    chain: list[grpc.aio.ServerInterceptor] = []
-    if tokens is not None:
-        chain.append(AuthInterceptor(tokens, METERING_ACCESS))
-    chain.append(RefuseUndecodable())
-    chain.append(StatusInterceptor())
-    return chain

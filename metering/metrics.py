@@ -6,10 +6,11 @@ and renderer servers can run in one process without "Duplicated timeseries" erro
 created once, at import; several metering servers in one process therefore share one set of counters, and
 tests compare values before and after (`sample_value`) instead of expecting absolute numbers.
 
-Wiring (the interceptor goes FIRST, outermost, so it sees the status code the error mapping produced)::
+Wiring (metering's one interceptor records each call with the status code its error mapping produced)::
 
     service = metering_pb2.DESCRIPTOR.services_by_name["Metering"]
-    server = grpc.aio.server(interceptors=[metrics.MetricsInterceptor([service]), *others])
+    interceptor = MeteringInterceptor(tokens, metrics=metrics.MetricsInterceptor([service]))
+    server = grpc.aio.server(interceptors=[interceptor])
     metrics.initialize_tiers(tiers)  # denial series start at 0, so rate() sees the first one
     if config.metrics_listen:
         metrics_port, stop_metrics = metrics.start_metrics_server(config.metrics_listen)

@@ -383,11 +383,11 @@ def test_interceptor_creates_error_series_at_zero_for_the_services_it_is_given(m
 
 
 async def test_metering_wiring_records_the_codes_its_status_mapping_produces() -> None:
-    """MetricsInterceptor in front of metering's own interceptor chain, as metering.metrics documents."""
+    """Metering's own interceptor, with its metrics, as metering/server.py installs it."""
     from datetime import UTC, datetime
 
     from metering import errors
-    from metering.interceptors import interceptor_chain
+    from metering.interceptors import MeteringInterceptor
 
     service = "exportapi.metering.v1.Metering"
 
@@ -412,7 +412,7 @@ async def test_metering_wiring_records_the_codes_its_status_mapping_produces() -
             "GetStats": grpc.unary_unary_rpc_method_handler(crash),
         },
     )
-    server = grpc.aio.server(interceptors=[metering_metrics.MetricsInterceptor(), *interceptor_chain()])
+    server = grpc.aio.server(interceptors=[MeteringInterceptor(metrics=metering_metrics.MetricsInterceptor())])
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
