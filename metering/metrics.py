@@ -176,7 +176,7 @@ def start_metrics_server(listen: str) -> tuple[int, Callable[[], None]]:
 
 
 class MetricsInterceptor(grpc_metrics.MetricsInterceptor):
-    """Counts and times every RPC into this module's registry; put it FIRST in `interceptors=[...]`."""
+    """Counts and times every RPC into this module's registry; MeteringInterceptor takes it (metering/server.py)."""
 
     def __init__(self, services: Iterable[ServiceDescriptor] = ()) -> None:
         super().__init__(services, handled=GRPC_HANDLED, seconds=GRPC_HANDLING_SECONDS)
