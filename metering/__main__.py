@@ -40,8 +40,14 @@ def main() -> int:
         return await serve(config, database_url)
 
     # uvloop: a C event loop; the server spends much of its time in socket I/O with clients and PostgreSQL.
+    import gc
+
     import uvloop
 
+    # The objects of start-up (modules, descriptors) never become garbage: keep them out of every collection,
+    # and collect the young generation less often (bench: 695 -> 720 pairs/s, spread).
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     return uvloop.run(run())
 
 
