@@ -639,7 +639,11 @@ WITH tiers AS (
     UNION ALL
     SELECT id
     FROM export_counters
-    WHERE $3::text IS NULL AND kind = 'user' AND current_day = $1 AND ($2::text IS NULL OR id = $2)
+    WHERE $3::text IS NULL AND $2::text IS NULL AND kind = 'user' AND current_day = $1
+    UNION ALL
+    SELECT id  -- one user: its primary key, not every user of the day
+    FROM export_counters
+    WHERE $3::text IS NULL AND kind = 'user' AND id = $2 AND current_day = $1
 ), counted AS MATERIALIZED (
     -- Scalar subqueries, evaluated once per user of the day (MATERIALIZED): two primary-key lookups each,
     -- whatever the planner guesses (daily_usage has no index on the day alone, and accounts may be large).
