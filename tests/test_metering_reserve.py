@@ -248,3 +248,20 @@ async def test_get_usage_of_a_user_never_seen_is_an_empty_free_day(metering_targ
     )
     assert usage.max_duration_seconds == 30.0
     assert usage.resets_at.ToDatetime(tzinfo=UTC) == next_utc_midnight(datetime.now(UTC))
+
+
+async def test_a_day_row_gone_from_under_a_replica_is_made_again(database_url: str) -> None:
+    """A replica remembers which day rows and counters exist, to skip creating them; when they are gone after
+    all (a database restored from a backup, say), the reservation creates them and counts as ever."""
+    async with start_metering(database_url) as metering, metering_stub(metering.target) as stub:
+        await stub.CheckAndReserve(reserve_request("first", user="restored", project="film"))
+        connection = await asyncpg.connect(database_url)
+        try:
+            await connection.execute("DELETE FROM daily_usage WHERE user_id = 'restored'")
+            await connection.execute("DELETE FROM project_daily_usage WHERE project_id = 'film'")
+            await connection.execute("DELETE FROM export_counters WHERE id IN ('restored', 'film')")
+        finally:
+            await connection.close()
+        answer = await stub.CheckAndReserve(reserve_request("second", user="restored", project="film"))
+    assert answer.export_id
+    assert answer.usage.used == 1  # the day row was made again from nothing: only this reservation is on it
