@@ -46,8 +46,8 @@ INSERT INTO project_daily_usage (project_id, day, used) VALUES ($3, $2, 0) ON CO
 
 -- name: reserve
 -- A whole reservation in one statement, its own transaction: lock the user's day row, then the project's,
--- gate on the tier's limits, record the RESERVED export and count it (the day's usage, the project's, the
--- project row, the rollup). Every reservation of one user on one day queues on the first lock, on every
+-- then their running counters, gate on the tier's limits, record the RESERVED export and count it (the day's
+-- usage, the project's, the running counters, the project row, the rollup, a system rollup delta). Every reservation of one user on one day queues on the first lock, on every
 -- replica, and reads the counts as they are once it has the lock. The gate applies the same comparisons
 -- as QuotaPolicy.check, which still decides every refusal from the counts returned here.
 -- Returns one row: new_day = 1 when a day row or a running counter is missing (run ensure_usage_rows, then
