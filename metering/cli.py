@@ -6,13 +6,15 @@
     python -m metering.cli history U [--project P] [--limit N]
     python -m metering.cli set-tier U TIER
     python -m metering.cli archive [--older-than-days N]
+    python -m metering.cli rebuild-summaries                              (system-wide stats, from the rollups)
     python -m metering.cli --json ...      (any command: the answer as JSON)
 
 Credentials: METERING_TOKEN (or --token) is sent as `authorization: Bearer <token>`; METERING_TLS_CA_FILE
 switches to TLS, METERING_TLS_CLIENT_CERT_FILE / METERING_TLS_CLIENT_KEY_FILE add a client certificate.
 
-`archive` is maintenance, like a migration: it connects to the database itself (DATABASE_URL, else the
-embedded PostgreSQL under .data that `python -m metering` uses), not to a metering server.
+`archive` and `rebuild-summaries` are maintenance, like a migration: they connect to the database itself
+(DATABASE_URL, else the embedded PostgreSQL under .data that `python -m metering` uses), not to a metering
+server.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "archive":
         return _archive(args, out)
+    if args.command == "rebuild-summaries":
+        return _rebuild_summaries(args, out)
     target = args.target or os.environ.get("METERING_TARGET") or DEFAULT_TARGET
     token = args.token or os.environ.get("METERING_TOKEN") or ""
     try:
@@ -131,6 +135,12 @@ def _parser() -> argparse.ArgumentParser:
         help="archive exports created and closed more than N days ago (METERING_RETENTION_DAYS, 90)",
     )
     archive.add_argument("--batch-size", type=int, default=None, help="exports moved per statement (1000)")
+    commands.add_parser(
+        "rebuild-summaries",
+        parents=[json_only],
+        help="recompute the system-wide stats summaries from the rollups (after upgrading to migration 0003, "
+        "or a bulk load); writers wait while it runs (connects to DATABASE_URL)",
+    )
     return parser
 
 
@@ -408,6 +418,47 @@ def _archive(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     print(f"Archived {report.moved} exports created and closed before {cutoff} ({days} days ago):", file=out)
     print(_table(["partition", "exports"], [[name, count] for name, count in report.by_partition.items()]), file=out)
+    return 0
+
+
+def _rebuild_summaries(args: argparse.Namespace, out: TextIO) -> int:
+    database_url = os.environ.get("DATABASE_URL") or _embedded_database_url()
+    tables = ("system_rollups", "system_render_time_histogram", "export_counters", "export_counter_history")
+
+    async def run() -> dict[str, int]:
+        connection = await asyncpg.connect(database_url, timeout=10, command_timeout=3600)
+        try:
+            async with connection.transaction():
+                await connection.execute("SELECT rebuild_export_summaries()")
+            return {table: int(await connection.fetchval(f"SELECT count(*) FROM {table}")) for table in tables}
+        finally:
+            await connection.close()
+
+    from metering import db
+
+    started = datetime.now(UTC)
+    try:
+        with db.unavailable_on_connection_errors():
+            rows = asyncio.run(run())
+    except errors.Unavailable as error:
+        print(f"metering: cannot reach the database ({error.message})", file=sys.stderr)
+        return 3
+    except asyncpg.exceptions.UndefinedFunctionError:
+        print(
+            "metering: this database has no summaries yet; start a metering server of this version once "
+            "(it applies the migrations, which build them)",
+            file=sys.stderr,
+        )
+        return 1
+    except asyncpg.PostgresError as error:
+        print(f"metering: rebuilding stopped: {error}", file=sys.stderr)
+        return 1
+    seconds = (datetime.now(UTC) - started).total_seconds()
+    if args.json:
+        _print_json({"rows": rows, "seconds": round(seconds, 3)}, out)
+        return 0
+    print(f"Rebuilt the system-wide summaries from the rollups in {seconds:.1f} s:", file=out)
+    print(_table(["table", "rows"], [[table, count] for table, count in rows.items()]), file=out)
     return 0
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -28,11 +27,18 @@ import pytest
 
 from exportapi.metering.v1 import metering_pb2 as pb
 from exportapi.metering.v1 import metering_pb2_grpc
-from metering import archive, cli, db
+from metering import archive, db
 from metering.config import Config, ConfigError
 from metering.migrate import migrate
 from tests.support import postgres
-from tests.support.metering import REPO_ROOT, FakeClock, metering_stub, reserve_request, start_metering
+from tests.support.metering import (
+    REPO_ROOT,
+    FakeClock,
+    metering_stub,
+    reserve_request,
+    run_maintenance_cli,
+    start_metering,
+)
 from tests.test_metering_migrations import schema_snapshot
 
 COMPLETED, FAILED, CANCELLED = pb.EXPORT_STATUS_COMPLETED, pb.EXPORT_STATUS_FAILED, pb.EXPORT_STATUS_CANCELLED
@@ -508,17 +514,6 @@ def test_retention_settings_are_validated() -> None:
 # --- python -m metering.cli archive ------------------------------------------------------------------------
 
 
-async def run_cli(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *argv: str) -> tuple[int, str, str]:
-    for name in ("DATABASE_URL", "METERING_RETENTION_DAYS"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    out, err = io.StringIO(), io.StringIO()
-    monkeypatch.setattr(sys, "stderr", err)
-    code = await asyncio.to_thread(cli.main, list(argv), out)
-    return code, out.getvalue(), err.getvalue()
-
-
 async def test_cli_archive_moves_what_is_older_than_asked(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     real_now = datetime.now(UTC)
     clock = FakeClock(real_now - timedelta(days=200))
@@ -532,7 +527,9 @@ async def test_cli_archive_moves_what_is_older_than_asked(database_url: str, mon
         recent = await make(stub, clock, real_now - timedelta(days=20), "c", COMPLETED, user="hal")
     env = {"DATABASE_URL": database_url}
 
-    code, out, _ = await run_cli(monkeypatch, {**env, "METERING_RETENTION_DAYS": "150"}, "archive", "--json")
+    code, out, _ = await run_maintenance_cli(
+        monkeypatch, {**env, "METERING_RETENTION_DAYS": "150"}, "archive", "--json"
+    )
     assert code == 0
     answer = json.loads(out)
     assert answer["moved"] == 1 and answer["by_partition"] == {archive_partition(real_now - timedelta(days=200)): 1}
@@ -548,7 +545,7 @@ async def test_cli_archive_moves_what_is_older_than_asked(database_url: str, mon
     assert done.stdout.startswith("Archived 1 exports created and closed before ")
     assert archive_partition(real_now - timedelta(days=120)) in done.stdout
 
-    code, out, _ = await run_cli(monkeypatch, env, "archive")
+    code, out, _ = await run_maintenance_cli(monkeypatch, env, "archive")
     assert code == 0 and out.startswith("Nothing to archive")
     ledger, archived = await where_rows_are(database_url)
     assert set(archived) == {oldest, older} and recent in ledger
@@ -558,14 +555,14 @@ async def test_cli_archive_refuses_bad_settings_and_says_when_the_database_is_aw
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = {"DATABASE_URL": database_url}
-    code, _, err = await run_cli(monkeypatch, {**env, "METERING_RETENTION_DAYS": "0"}, "archive")
+    code, _, err = await run_maintenance_cli(monkeypatch, {**env, "METERING_RETENTION_DAYS": "0"}, "archive")
     assert code == 2 and "METERING_RETENTION_DAYS=0" in err and "--older-than-days" in err
-    code, _, err = await run_cli(monkeypatch, env, "archive", "--older-than-days", "0")
+    code, _, err = await run_maintenance_cli(monkeypatch, env, "archive", "--older-than-days", "0")
     assert code == 2 and "--older-than-days must be at least 1" in err
-    code, _, err = await run_cli(monkeypatch, {**env, "METERING_RETENTION_DAYS": "soon"}, "archive")
+    code, _, err = await run_maintenance_cli(monkeypatch, {**env, "METERING_RETENTION_DAYS": "soon"}, "archive")
     assert code == 2 and "METERING_RETENTION_DAYS" in err and "Traceback" not in err
     unreachable = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/metering"}
-    code, _, err = await run_cli(monkeypatch, unreachable, "archive", "--older-than-days", "30")
+    code, _, err = await run_maintenance_cli(monkeypatch, unreachable, "archive", "--older-than-days", "30")
     assert code == 3 and "cannot reach the database" in err
 
 

@@ -6,14 +6,16 @@ writers append them neither loses nor doubles one."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import pytest
 
 from exportapi.metering.v1 import metering_pb2 as pb
 from tests.support.faults import ledger_violations
-from tests.support.metering import FakeClock, metering_stub, reserve_request, start_metering
+from tests.support.metering import FakeClock, metering_stub, reserve_request, run_maintenance_cli, start_metering
 
 SUMMARIES = {
     "system_rollups": """SELECT day, format, render_mode, exports, reserved, completed, failed, cancelled,
@@ -192,3 +194,31 @@ async def test_a_running_server_folds_the_deltas(database_url: str) -> None:
             assert await connection.fetchval("SELECT sum(exports) FROM system_rollups") == 3
         finally:
             await connection.close()
+
+
+async def test_the_cli_rebuilds_summaries_that_went_wrong(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with start_metering(database_url) as metering, metering_stub(metering.target) as stub:
+        for n in range(4):
+            await stub.CheckAndReserve(reserve_request(f"cli-{n}", user=f"cli-{n % 2}", project=f"cli-p{n}"))
+        before = await stub.GetStats(pb.GetStatsRequest(days=2))
+        connection = await asyncpg.connect(database_url)
+        try:
+            await connection.execute("SELECT compact_export_summaries()")
+            await connection.execute("DELETE FROM export_counters WHERE kind = 'user'")
+            await connection.execute("UPDATE system_rollups SET exports = exports + 100")
+        finally:
+            await connection.close()
+        assert await ledger_violations(database_url), "the damage went unnoticed"
+
+        env = {"DATABASE_URL": database_url}
+        code, out, err = await run_maintenance_cli(monkeypatch, env, "rebuild-summaries", "--json")
+        assert code == 0, err
+        assert json.loads(out)["rows"]["export_counters"] == 6  # 2 users, 4 projects
+        assert await ledger_violations(database_url) == []
+        after = await stub.GetStats(pb.GetStatsRequest(days=2))
+    assert after.total_exports == before.total_exports == 4
+    assert list(after.users) == list(before.users)
+
+    away = {"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    code, _, err = await run_maintenance_cli(monkeypatch, away, "rebuild-summaries")
+    assert code == 3 and "cannot reach the database" in err

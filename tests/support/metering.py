@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -249,3 +250,22 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.moment += timedelta(seconds=seconds)
+
+
+async def run_maintenance_cli(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *argv: str
+) -> tuple[int, str, str]:
+    """`python -m metering.cli ARGV` in this process with only `env` of the database settings (a pytest
+    MonkeyPatch restores them): the exit code, stdout and stderr."""
+    import io
+
+    from metering import cli
+
+    for name in ("DATABASE_URL", "METERING_RETENTION_DAYS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    code = await asyncio.to_thread(cli.main, list(argv), out)
+    return code, out.getvalue(), err.getvalue()
