@@ -24,9 +24,9 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TextIO
+from typing import Any, TextIO, TypeVar
 
 import asyncpg
 import grpc
@@ -43,6 +43,7 @@ CALL_TIMEOUT_SECONDS = 15.0
 BAR_WIDTH = 40
 _STATUS_NAMES = {value: name.removeprefix("EXPORT_STATUS_") for name, value in pb.ExportStatus.items()}
 _MODE_NAMES = {pb.RENDER_MODE_LOCAL: "local", pb.RENDER_MODE_LAMBDA: "lambda"}
+T = TypeVar("T")
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -392,21 +393,10 @@ def _archive(args: argparse.Namespace, out: TextIO) -> int:
             await pool.close()
 
     try:
-        with db.unavailable_on_connection_errors():
-            report = asyncio.run(run())
-    except errors.Unavailable as error:
-        print(f"metering: cannot reach the database ({error.message})", file=sys.stderr)
-        return 3
-    except (asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.UndefinedFunctionError):
-        print(
-            "metering: this database has no export archive yet; start a metering server of this version once "
-            "(it applies the migrations)",
-            file=sys.stderr,
-        )
-        return 1
-    except asyncpg.PostgresError as error:
-        print(f"metering: archiving stopped: {error}", file=sys.stderr)
-        return 1
+        report = _on_the_database(run(), lacking="export archive", doing="archiving")
+    except _MaintenanceFailed as failed:
+        print(f"metering: {failed}", file=sys.stderr)
+        return failed.exit_code
     if args.json:
         _print_json(
             {"cutoff": report.cutoff.isoformat(), "moved": report.moved, "by_partition": report.by_partition}, out
@@ -419,6 +409,31 @@ def _archive(args: argparse.Namespace, out: TextIO) -> int:
     print(f"Archived {report.moved} exports created and closed before {cutoff} ({days} days ago):", file=out)
     print(_table(["partition", "exports"], [[name, count] for name, count in report.by_partition.items()]), file=out)
     return 0
+
+
+class _MaintenanceFailed(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _on_the_database(work: Coroutine[Any, Any, T], *, lacking: str, doing: str) -> T:
+    """Runs a maintenance command's work; its failures as one line for the operator and an exit code."""
+    from metering import db
+
+    try:
+        with db.unavailable_on_connection_errors():
+            return asyncio.run(work)
+    except errors.Unavailable as error:
+        raise _MaintenanceFailed(f"cannot reach the database ({error.message})", 3) from error
+    except (asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.UndefinedFunctionError) as error:
+        raise _MaintenanceFailed(
+            f"this database has no {lacking} yet; start a metering server of this version once "
+            "(it applies the migrations)",
+            1,
+        ) from error
+    except asyncpg.PostgresError as error:
+        raise _MaintenanceFailed(f"{doing} stopped: {error}", 1) from error
 
 
 def _rebuild_summaries(args: argparse.Namespace, out: TextIO) -> int:
@@ -434,25 +449,12 @@ def _rebuild_summaries(args: argparse.Namespace, out: TextIO) -> int:
         finally:
             await connection.close()
 
-    from metering import db
-
     started = datetime.now(UTC)
     try:
-        with db.unavailable_on_connection_errors():
-            rows = asyncio.run(run())
-    except errors.Unavailable as error:
-        print(f"metering: cannot reach the database ({error.message})", file=sys.stderr)
-        return 3
-    except asyncpg.exceptions.UndefinedFunctionError:
-        print(
-            "metering: this database has no summaries yet; start a metering server of this version once "
-            "(it applies the migrations, which build them)",
-            file=sys.stderr,
-        )
-        return 1
-    except asyncpg.PostgresError as error:
-        print(f"metering: rebuilding stopped: {error}", file=sys.stderr)
-        return 1
+        rows = _on_the_database(run(), lacking="system summaries", doing="rebuilding")
+    except _MaintenanceFailed as failed:
+        print(f"metering: {failed}", file=sys.stderr)
+        return failed.exit_code
     seconds = (datetime.now(UTC) - started).total_seconds()
     if args.json:
         _print_json({"rows": rows, "seconds": round(seconds, 3)}, out)
