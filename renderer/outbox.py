@@ -66,6 +66,10 @@ class Outbox:
         self._drainer: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        # What an earlier process left behind is due now: its backoff (up to max_backoff) was waiting for a
+        # metering that may long be back, and no first attempt of this process is running yet.
+        with self._db_lock:
+            self._db.execute("UPDATE pending_completions SET next_attempt_at = min(next_attempt_at, ?)", (time.time(),))
         self._drainer = asyncio.create_task(self._drain_forever(), name="outbox-drain")
 
     async def close(self) -> None:

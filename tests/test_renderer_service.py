@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -244,9 +246,12 @@ async def test_a_pending_completion_survives_a_renderer_restart(database_url: st
             await metering_server.stop()
             finished = await wait_terminal(stub, job.job_id)
             assert running.outbox.depth() == 1
-        # The first renderer is gone; a new one on the same state directory delivers what it left behind.
+        # The first renderer is gone, its completion waiting out a long backoff; a new one on the same state
+        # directory delivers it at once.
+        with sqlite3.connect(tmp_path / "state" / "outbox.sqlite3") as outbox:
+            outbox.execute("UPDATE pending_completions SET next_attempt_at = ?", (time.time() + 3600,))
         async with start_metering(database_url, listen=target), start_renderer(target, tmp_path) as second:
-            await _until(lambda: second.outbox.depth() == 0)
+            await _until(lambda: second.outbox.depth() == 0, timeout=10)
             async with metering_stub(target) as metering:
                 (export,) = await exports_of(metering, "fay")
     assert export.status == metering_pb2.EXPORT_STATUS_COMPLETED
