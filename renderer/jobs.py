@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from renderer.domain import (
     Composition,
@@ -139,6 +139,7 @@ class _Entry:
     job: Job
     request: RenderRequest
     task: asyncio.Task[None] | None = None
+    closing: asyncio.Task[None] | None = None  # the close of a job whose task was cancelled before it ran
     watchers: set[asyncio.Queue[Job]] = field(default_factory=set)
 
 
@@ -165,7 +166,7 @@ class JobRunner:
         self._entries: dict[str, _Entry] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._by_key: dict[tuple[str, str], asyncio.Future[str]] = {}
-        self._closing_tasks: set[asyncio.Task[bool]] = set()
+        self._closing_tasks: set[asyncio.Task[Any]] = set()  # completions on their way, awaited by shutdown
 
     # --- the public operations -------------------------------------------------------------------------
 
@@ -231,6 +232,9 @@ class JobRunner:
             entry.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(entry.task)
+        if entry.closing is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(entry.closing)
         return entry.job
 
     async def shutdown(self, grace_seconds: float) -> None:
@@ -266,6 +270,7 @@ class JobRunner:
         assignment = RenderAssignment(reservation, request.composition, request.format)
         job = entry.job
         entry.task = asyncio.create_task(self._run(entry, assignment, self._backends[mode]), name=job.job_id)
+        entry.task.add_done_callback(lambda task: self._close_if_never_ran(entry, task))
         log.info(
             "render queued",
             extra={"job_id": job.job_id, "export_id": job.export_id, "user_id": job.user_id, "mode": mode.value},
@@ -316,6 +321,17 @@ class JobRunner:
             await self._close(entry, JobState.SUCCEEDED, Outcome.COMPLETED, started, output=output)
         finally:
             heartbeat.cancel()
+
+    def _close_if_never_ran(self, entry: _Entry, task: asyncio.Task[None]) -> None:
+        """A task cancelled before its first step never runs `_run` (start() returns without yielding, so a
+        CancelRender can come first): close its export here, as `_run` would have."""
+        if entry.job.state.terminal or not task.cancelled():
+            return
+        entry.closing = asyncio.create_task(
+            self._close(entry, JobState.CANCELLED, Outcome.CANCELLED, time.monotonic(), error="cancelled")
+        )
+        self._closing_tasks.add(entry.closing)
+        entry.closing.add_done_callback(self._closing_tasks.discard)
 
     async def _close(
         self,

@@ -13,9 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from renderer.domain import Composition, OutputFormat
+from exportapi.metering.v1 import metering_pb2
+from renderer.domain import Composition, OutputFormat, RenderMode
+from renderer.jobs import JobRunner, JobState, RenderRequest
 from renderer.lambda_backend import LambdaBackend, LambdaBackendConfig
 from renderer.local_backend import LocalBackend
+from renderer.metering_client import GrpcMeteringClient
+from renderer.outbox import Outbox
+from tests.support.metering import metering_stub
 
 RENDERER = Path(__file__).resolve().parent.parent / "renderer"
 
@@ -74,3 +79,29 @@ async def test_every_backend_refuses_work_without_a_reservation(make_backend: st
     with pytest.raises(PermissionError):
         await backend.render(work, lambda progress: None)  # type: ignore[arg-type]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+async def test_a_job_cancelled_before_its_task_first_runs_still_closes_its_export(
+    metering_target: str, tmp_path: Path
+) -> None:
+    """CancelRender can reach a job whose task has not taken its first step (start() returns without
+    yielding): the reservation must still be closed as CANCELLED, not left RESERVED until its lease ends."""
+    client = GrpcMeteringClient(metering_target, timeout_seconds=5.0)
+    outbox = Outbox(tmp_path / "state" / "outbox.sqlite3", client.complete)
+    outbox.start()
+    runner = JobRunner(client, outbox, {RenderMode.LOCAL: LocalBackend(tmp_path / "renders")})
+    composition = Composition(width=64, height=64, fps=5.0, duration_seconds=1.0, background="black")
+    try:
+        job = await runner.start(
+            RenderRequest(idempotency_key="early", user_id="eve", project_id="p", composition=composition,
+                          format=OutputFormat.MP4)
+        )
+        cancelled = await runner.cancel(job.job_id)
+        await runner.shutdown(5)
+    finally:
+        await outbox.close()
+        await client.close()
+    assert cancelled.state is JobState.CANCELLED
+    async with metering_stub(metering_target) as stub:
+        answer = await stub.ListExports(metering_pb2.ListExportsRequest(user_id="eve"))
+    assert [export.status for export in answer.exports] == [metering_pb2.EXPORT_STATUS_CANCELLED]
