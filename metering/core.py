@@ -428,7 +428,7 @@ class MeteringCore:
                 # A completed export counts its measured length when reported, else the length asked for.
                 (request.duration_seconds or export.requested_duration_seconds) if completed else 0.0,
                 request.file_size_bytes if completed else 0,
-                stats.render_time_bucket(request.render_seconds) if completed and request.render_seconds > 0 else None,
+                _render_time_bucket(request),
             ]
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
@@ -444,7 +444,6 @@ class MeteringCore:
 
     async def _complete(self, connection: asyncpg.Connection, request: CompleteRequest) -> Export:
         assert request.outcome is not None
-        completed = request.outcome is ExportStatus.COMPLETED
         # One statement locks, closes and moves the counts (see `complete` in queries.sql).
         row = await connection.fetchrow(
             QUERIES["complete"],
@@ -456,7 +455,7 @@ class MeteringCore:
             request.output_uri or None,
             request.render_seconds or None,
             self._policy.now(),
-            stats.render_time_bucket(request.render_seconds) if completed and request.render_seconds > 0 else None,
+            _render_time_bucket(request),
         )
         if row is None:
             raise errors.NotFound(f"export {request.export_id} not found")
@@ -674,6 +673,13 @@ def _already_closed(export: Export, outcome: ExportStatus) -> errors.FailedPreco
             ),
         ),
     )
+
+
+def _render_time_bucket(request: CompleteRequest) -> int | None:
+    """The render-time histogram bucket a completion adds to: only a COMPLETED export with a render time."""
+    if request.outcome is ExportStatus.COMPLETED and request.render_seconds > 0:
+        return stats.render_time_bucket(request.render_seconds)
+    return None
 
 
 _ROWS_READY_REMEMBERED = 100_000

@@ -53,15 +53,14 @@ class MediaInfo:
         return self.video is not None
 
 
+def _reading(path: Path | str) -> list[str]:
+    """ffmpeg, quiet, reading `path` (as a file: never a protocol its name might spell)."""
+    return [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", "file:" + str(Path(path).resolve())]
+
+
 def _measure_args(path: Path) -> list[str]:
     return [
-        ffmpeg_exe(),
-        "-hide_banner",
-        "-nostdin",
-        "-loglevel",
-        "error",
-        "-i",
-        "file:" + str(Path(path).resolve()),
+        *_reading(path),
         "-map",
         "0:v:0?",
         "-map",
@@ -154,13 +153,7 @@ def decode_frame_rgb(path: Path | str, frame_index: int) -> tuple[int, int, byte
         raise RenderError(f"{Path(path).name} has no video")
     width, height = info.video.width, info.video.height
     args = [
-        ffmpeg_exe(),
-        "-hide_banner",
-        "-nostdin",
-        "-loglevel",
-        "error",
-        "-i",
-        "file:" + str(Path(path).resolve()),
+        *_reading(path),
         "-map",
         "0:v:0",
         "-vf",
