@@ -84,8 +84,8 @@ DERIVE = [
     GROUP BY usage_day, user_id, project_id, bucket
     """,
     """
-    INSERT INTO projects (project_id, user_id, export_count, last_export_at, created_at)
-    SELECT project_id, min(user_id), count(*), max(created_at), min(created_at) FROM exports GROUP BY project_id
+    INSERT INTO projects (project_id, user_id, created_at)
+    SELECT project_id, min(user_id), min(created_at) FROM exports GROUP BY project_id
     """,
     """
     INSERT INTO daily_usage (user_id, day, used)

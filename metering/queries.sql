@@ -126,10 +126,9 @@ WITH daily AS MATERIALIZED (
     UPDATE project_daily_usage SET used = used + 1
     WHERE project_id = $3 AND day = $2 AND EXISTS (SELECT FROM inserted)
 ), project AS (
-    INSERT INTO projects AS p (project_id, user_id, export_count, last_export_at, created_at)
-    SELECT $3, $1, 1, $11, $11 FROM inserted
-    ON CONFLICT (project_id) DO UPDATE
-    SET export_count = p.export_count + 1, last_export_at = greatest(p.last_export_at, EXCLUDED.last_export_at)
+    -- Its owner, once (its counts are the running counter's).
+    INSERT INTO projects (project_id, user_id, created_at) SELECT $3, $1, $11 FROM inserted
+    ON CONFLICT (project_id) DO NOTHING
 ), rollup AS (
     INSERT INTO export_rollups AS r (day, user_id, project_id, format, render_mode, exports, reserved, last_export_at)
     SELECT $2, $1, $3, $8, $7, 1, 1, $11 FROM inserted
@@ -269,12 +268,9 @@ WITH request AS (
     FROM (SELECT project_id, count(*) AS n FROM inserted GROUP BY project_id) c
     WHERE p.project_id = c.project_id AND p.day = $10::date
 ), project AS (
-    INSERT INTO projects AS p (project_id, user_id, export_count, last_export_at, created_at)
-    SELECT project_id, min(user_id), count(*), $11::timestamptz, $11::timestamptz FROM inserted
-    GROUP BY project_id ORDER BY project_id
-    ON CONFLICT (project_id) DO UPDATE
-    SET export_count = p.export_count + EXCLUDED.export_count,
-        last_export_at = greatest(p.last_export_at, EXCLUDED.last_export_at)
+    INSERT INTO projects (project_id, user_id, created_at)
+    SELECT project_id, min(user_id), $11::timestamptz FROM inserted GROUP BY project_id ORDER BY project_id
+    ON CONFLICT (project_id) DO NOTHING
 ), rollup AS (
     INSERT INTO export_rollups AS r (day, user_id, project_id, format, render_mode, exports, reserved, last_export_at)
     SELECT $10::date, user_id, project_id, format, render_mode, count(*), count(*), $11::timestamptz

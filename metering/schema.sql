@@ -12,6 +12,8 @@ CREATE TABLE accounts (
 CREATE TABLE projects (
     project_id      text PRIMARY KEY,
     user_id         text NOT NULL,  -- the user who first exported it
+    -- Not written since 0003 (export_counters holds a project's count and last export); the release before
+    -- 0003 still writes them during a rolling upgrade, so they go in a later migration.
     export_count    bigint NOT NULL DEFAULT 0 CHECK (export_count >= 0),
     last_export_at  timestamptz,
     created_at      timestamptz NOT NULL

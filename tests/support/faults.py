@@ -529,12 +529,12 @@ _CONSISTENCY_CHECKS = {
           ON e.project_id = p.project_id AND e.usage_day = p.day
         WHERE p.used IS DISTINCT FROM coalesce(e.held, 0)
     """,
-    "projects.export_count differs from the project's exports": """
-        SELECT coalesce(p.project_id, e.project_id) AS project_id, p.export_count AS stored, e.n AS recount
-        FROM projects p
-        FULL JOIN (SELECT project_id, count(*) AS n FROM exports GROUP BY project_id) e
-          ON e.project_id = p.project_id
-        WHERE p.export_count IS DISTINCT FROM e.n
+    "a project's running export count differs from its exports, or it has no owner row": """
+        SELECT coalesce(c.id, e.project_id) AS project_id, c.exports AS stored, e.n AS recount, p.user_id AS owner
+        FROM (SELECT id, exports FROM export_counters WHERE kind = 'project' AND exports <> 0) c
+        FULL JOIN (SELECT project_id, count(*) AS n FROM exports GROUP BY project_id) e ON e.project_id = c.id
+        LEFT JOIN projects p ON p.project_id = coalesce(c.id, e.project_id)
+        WHERE c.exports IS DISTINCT FROM e.n OR p.project_id IS NULL
     """,
     "export_rollups differ from the ledger": """
         WITH recount AS (
