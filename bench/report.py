@@ -18,9 +18,10 @@ def _shape_lines(shape: str, figures: dict[str, Any], targets: dict[str, float])
         f"  {shape}: service {service['pairs_per_second']:.0f} pairs/s (p50 {service['p50_ms']:.1f} ms, "
         f"p99 {service['p99_ms']:.1f} ms at {service['in_flight']} in flight; server CPU "
         f"{service['server_cpu_cores']:.2f} cores of {service.get('machine_busy_cores', 0):.2f} busy)",
-        f"    CPU per pair: server {service.get('server_cpu_ms_per_pair', 0):.2f} ms, clients + PostgreSQL "
-        f"{service.get('other_cpu_ms_per_pair', 0):.2f} ms (no-op: server {noop.get('server_cpu_ms_per_pair', 0):.2f}"
-        f" ms, clients {noop.get('other_cpu_ms_per_pair', 0):.2f} ms)",
+        f"    CPU per pair: server {service.get('server_cpu_ms_per_pair', 0):.2f} ms, PostgreSQL "
+        f"{service.get('postgres_cpu_ms_per_pair', 0):.2f} ms, clients {service.get('other_cpu_ms_per_pair', 0):.2f}"
+        f" ms (no-op: server {noop.get('server_cpu_ms_per_pair', 0):.2f} ms, clients "
+        f"{noop.get('other_cpu_ms_per_pair', 0):.2f} ms)",
         f"    no-op server {noop['pairs_per_second']:.0f} pairs/s -> ratio {ratio} "
         f"(target >= {targets['ratio_vs_noop']}: {_check(ratio is not None and ratio >= targets['ratio_vs_noop'])})",
         f"    pgbench same SQL ({pgbench['clients']} connections) {pgbench['pairs_per_second']:.0f} pairs/s "
@@ -121,11 +122,12 @@ def markdown_table(results: dict[str, Any]) -> str:
                 f"| metering pairs/s, {shape} | {service['pairs_per_second']:.0f} | pgbench same SQL "
                 f"{pgbench['pairs_per_second']:.0f} | {figures['ratio_vs_pgbench']} | |"
             )
-            if "server_cpu_ms_per_pair" in service and "server_cpu_ms_per_pair" in noop:
+            if "postgres_cpu_ms_per_pair" in service and "server_cpu_ms_per_pair" in noop:
                 rows.append(
-                    f"| CPU per pair at saturation, {shape}: server / clients + PostgreSQL | "
-                    f"{service['server_cpu_ms_per_pair']:.2f} / {service['other_cpu_ms_per_pair']:.2f} ms | no-op "
-                    f"{noop['server_cpu_ms_per_pair']:.2f} / {noop['other_cpu_ms_per_pair']:.2f} ms | | reported |"
+                    f"| CPU per pair at saturation, {shape}: server / PostgreSQL / clients | "
+                    f"{service['server_cpu_ms_per_pair']:.2f} / {service['postgres_cpu_ms_per_pair']:.2f} / "
+                    f"{service['other_cpu_ms_per_pair']:.2f} ms | no-op {noop['server_cpu_ms_per_pair']:.2f} / - / "
+                    f"{noop['other_cpu_ms_per_pair']:.2f} ms | | reported |"
                 )
             rows.append(
                 f"| pair p50 / p99 at saturation ({service['in_flight']} in flight), {shape} | "
