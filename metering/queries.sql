@@ -528,7 +528,8 @@ LIMIT 1
 FOR UPDATE SKIP LOCKED;
 
 -- name: stats_rollup
--- Totals, per day, per format and per render mode of the window in one pass over the rollup.
+-- Totals, per day, per format, per render mode and per day and format of the window in one pass over the
+-- rollup.
 -- $1..$2: first and last day; $3: user or NULL; $4: project or NULL.
 SELECT
     GROUPING(day) = 0 AS by_day, GROUPING(format) = 0 AS by_format, GROUPING(render_mode) = 0 AS by_mode,
@@ -543,7 +544,7 @@ FROM export_rollups
 WHERE day BETWEEN $1 AND $2
   AND ($3::text IS NULL OR user_id = $3)
   AND ($4::text IS NULL OR project_id = $4)
-GROUP BY GROUPING SETS ((), (day), (format), (render_mode));
+GROUP BY GROUPING SETS ((), (day), (format), (render_mode), (day, format));
 
 -- name: stats_render_histogram
 SELECT bucket, sum(count)::bigint AS count
@@ -607,15 +608,6 @@ LEFT JOIN daily_usage d ON d.user_id = u.user_id AND d.day = $2;
 
 -- --- Operators' questions: a day's exports by format, and who is near the daily limit ---------------------
 
--- name: stats_daily_by_format
--- Exports per day and format of the window, for DailyStats.by_format. $1..$4 as stats_rollup.
-SELECT day, format, sum(exports)::bigint AS exports
-FROM export_rollups
-WHERE day BETWEEN $1 AND $2
-  AND ($3::text IS NULL OR user_id = $3)
-  AND ($4::text IS NULL OR project_id = $4)
-GROUP BY day, format;
-
 -- name: near_limit_users
 -- Users near their daily limit on day $1: today's users come from the export counters (or, narrowed to a
 -- project, from its rollup rows of the day; every export adds to its user's daily_usage row, its counter and
@@ -677,7 +669,7 @@ FROM (
     UNION ALL
     SELECT * FROM system_rollup_deltas WHERE day BETWEEN $1 AND $2
 ) AS system
-GROUP BY GROUPING SETS ((), (day), (format), (render_mode));
+GROUP BY GROUPING SETS ((), (day), (format), (render_mode), (day, format));
 
 -- name: system_render_histogram
 SELECT bucket, sum(count)::bigint AS count
@@ -688,15 +680,6 @@ FROM (
 ) AS system
 GROUP BY bucket
 ORDER BY bucket;
-
--- name: system_daily_by_format
-SELECT day, format, sum(exports)::bigint AS exports
-FROM (
-    SELECT day, format, exports FROM system_rollups WHERE day BETWEEN $1 AND $2
-    UNION ALL
-    SELECT day, format, exports FROM system_rollup_deltas WHERE day BETWEEN $1 AND $2
-) AS system
-GROUP BY day, format;
 
 -- name: system_top_users
 -- The busiest users of the window [$1, today]: each user's running count minus its count at the end of the

@@ -112,18 +112,13 @@ async def load_stats(
         histogram_rows = await connection.fetch(QUERIES["system_render_histogram"], days[0], days[-1])
         user_rows = await connection.fetch(QUERIES["system_top_users"], days[0], TOP_N, today)
         project_rows = await connection.fetch(QUERIES["system_top_projects"], days[0], TOP_N)
-        format_rows = await connection.fetch(QUERIES["system_daily_by_format"], days[0], days[-1])
     else:
         scope = (days[0], days[-1], request.user_id, request.project_id)
         rollup = await connection.fetch(QUERIES["stats_rollup"], *scope)
         histogram_rows = await connection.fetch(QUERIES["stats_render_histogram"], *scope)
         user_rows = await connection.fetch(QUERIES["stats_top_users"], *scope, TOP_N, today)
         project_rows = await connection.fetch(QUERIES["stats_top_projects"], *scope, TOP_N)
-        format_rows = await connection.fetch(QUERIES["stats_daily_by_format"], *scope)
     histogram = [(row["bucket"], row["count"]) for row in histogram_rows]
-    day_formats: dict[date, dict[str, int]] = {}
-    for row in format_rows:
-        day_formats.setdefault(row["day"], {})[row["format"]] = row["exports"]
     near = await load_near_limit(
         connection, today=today, tiers=tiers, user_id=request.user_id, project_id=request.project_id
     )
@@ -139,7 +134,7 @@ async def load_stats(
         ProjectStats(row["project_id"], row["user_id"], row["exports"], row["last_export_at"])
         for row in project_rows
     ]
-    return _assemble(rollup, histogram, days, users, projects, day_formats, near.users)
+    return _assemble(rollup, histogram, days, users, projects, near.users)
 
 
 def _user_stats(row: asyncpg.Record, tiers: TierTable) -> UserStats:
@@ -161,14 +156,20 @@ def _assemble(
     days: list[date],
     users: list[UserStats],
     projects: list[ProjectStats],
-    day_formats: dict[date, dict[str, int]],
     near_limit: tuple[UserStats, ...],
 ) -> Stats:
     totals = None
     daily: dict[date, DailyStats] = {}
     by_format: dict[str, int] = {}
     by_mode: dict[str, int] = {}
-    for row in rollup:
+    day_formats: dict[date, dict[str, int]] = {}
+    rows = list(rollup)
+    for row in rows:  # the (day, format) rows first: each day's row takes its formats
+        if row["by_day"] and row["by_format"]:
+            day_formats.setdefault(row["day"], {})[row["format"]] = row["exports"]
+    for row in rows:
+        if row["by_day"] and row["by_format"]:
+            continue
         if row["by_day"]:
             daily[row["day"]] = DailyStats(
                 date=row["day"],
