@@ -4,11 +4,12 @@ The population is fixed (users x 3 projects, 90 days of history); only the ledge
 means more history per user and per day. The rollups, project rows and usage counters are derived from
 the seeded ledger by SQL, as the core would have kept them, and the system summaries rebuilt from the
 rollups. Two calls are timed: one user's stats (what a backend asks) and the system-wide stats (the
-operators' dashboard), both over the default 30 days.
+operators' dashboard), both over the default 30 days. Both ledgers are served at once and asked in turns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import time
@@ -23,6 +24,7 @@ from bench.services import metering_process
 from metering import stats
 
 TARGET_RATIO = 1.5
+KINDS = ("user", "system")  # one user's stats, and the system-wide stats
 HISTORY_DAYS = 90
 
 SEED_LEDGER = f"""
@@ -108,8 +110,8 @@ DERIVE = [
 class StatsSettings:
     sizes: tuple[int, int] = (10_000, 1_000_000)
     users: int = 1000
-    calls: int = 40
-    warmup_calls: int = 5
+    calls: int = 100
+    warmup_calls: int = 10
 
     @classmethod
     def quick(cls) -> StatsSettings:
@@ -153,23 +155,8 @@ async def seed(dsn: str, exports: int, users: int) -> dict[str, Any]:
     return {"seconds": round(time.monotonic() - started, 2), "rows": counts}
 
 
-async def _time_calls(target: str, requests: list[Any], warmup: int) -> dict[str, float]:
-    import grpc
-
-    from exportapi.metering.v1 import metering_pb2_grpc
-
-    latencies = []
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = metering_pb2_grpc.MeteringStub(channel)
-        for index, request in enumerate(requests):
-            started = time.perf_counter()
-            answer = await stub.GetStats(request, timeout=60)
-            elapsed = time.perf_counter() - started
-            if answer.total_exports <= 0 and not request.user_id:
-                raise RuntimeError("GetStats saw no exports in a seeded ledger")
-            if index >= warmup:
-                latencies.append(elapsed)
-    latencies.sort()
+def _latency_figures(latencies: list[float]) -> dict[str, float]:
+    latencies = sorted(latencies)
     return {
         "p50_ms": round(statistics.median(latencies) * 1000, 3),
         "p90_ms": round(percentile(latencies, 0.9) * 1000, 3),
@@ -179,7 +166,10 @@ async def _time_calls(target: str, requests: list[Any], warmup: int) -> dict[str
 
 
 async def run_stats(pg: BenchPostgres, settings: StatsSettings) -> dict[str, Any]:
+    import grpc
+
     from exportapi.metering.v1 import metering_pb2 as pb
+    from exportapi.metering.v1 import metering_pb2_grpc
 
     rng = random.Random(7)
     results: dict[str, Any] = {
@@ -187,21 +177,32 @@ async def run_stats(pg: BenchPostgres, settings: StatsSettings) -> dict[str, Any
                      "history_days": HISTORY_DAYS, "window_days": 30, "calls": settings.calls},
         "target_ratio": TARGET_RATIO,
     }
-    for size in settings.sizes:
-        dsn = await pg.create_database(f"bench_stats_{size}")
-        try:
-            seeded = await seed(dsn, size, settings.users)
-            total = settings.warmup_calls + settings.calls
-            per_user = [pb.GetStatsRequest(user_id=f"user-{rng.randrange(settings.users)}") for _ in range(total)]
-            system = [pb.GetStatsRequest() for _ in range(total)]
-            async with metering_process(dsn) as service:
-                results[str(size)] = {
-                    "seed": seeded,
-                    "user": await _time_calls(service.target, per_user, settings.warmup_calls),
-                    "system": await _time_calls(service.target, system, settings.warmup_calls),
-                }
-        finally:
-            await pg.drop_database(dsn)
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = {}
+        for size in settings.sizes:
+            dsn = await pg.create_database(f"bench_stats_{size}")
+            stack.push_async_callback(pg.drop_database, dsn)
+            results[str(size)] = {"seed": await seed(dsn, size, settings.users)}
+            service = await stack.enter_async_context(metering_process(dsn))
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(service.target))
+            stubs[size] = metering_pb2_grpc.MeteringStub(channel)
+        # Both ledgers are served at once and asked in turns, so that whatever else the machine does at a
+        # moment weighs on both sizes alike, not on one.
+        latencies: dict[tuple[int, str], list[float]] = {(size, kind): [] for size in stubs for kind in KINDS}
+        for index in range(settings.warmup_calls + settings.calls):
+            user = f"user-{rng.randrange(settings.users)}"
+            for kind in KINDS:
+                request = pb.GetStatsRequest(user_id=user) if kind == "user" else pb.GetStatsRequest()
+                for size, stub in stubs.items():
+                    started = time.perf_counter()
+                    answer = await stub.GetStats(request, timeout=60)
+                    elapsed = time.perf_counter() - started
+                    if answer.total_exports <= 0 and kind == "system":
+                        raise RuntimeError("GetStats saw no exports in a seeded ledger")
+                    if index >= settings.warmup_calls:
+                        latencies[size, kind].append(elapsed)
+    for (size, kind), measured in latencies.items():
+        results[str(size)][kind] = _latency_figures(measured)
     small, large = (results[str(size)] for size in settings.sizes)
     results["ratio_user"] = round(large["user"]["p50_ms"] / small["user"]["p50_ms"], 3)
     results["ratio_system"] = round(large["system"]["p50_ms"] / small["system"]["p50_ms"], 3)
