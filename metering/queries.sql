@@ -606,7 +606,7 @@ FROM (SELECT $1::text AS user_id) u
 LEFT JOIN accounts a ON a.user_id = u.user_id
 LEFT JOIN daily_usage d ON d.user_id = u.user_id AND d.day = $2;
 
--- --- Operators' questions: a day's exports by format, and who is near the daily limit ---------------------
+-- --- Operators' questions: who is near the daily limit --------------------------------------------------
 
 -- name: near_limit_users
 -- Users near their daily limit on day $1: today's users come from the export counters (or, narrowed to a
