@@ -411,13 +411,7 @@ class MeteringCore:
             completed = request.outcome is ExportStatus.COMPLETED
             slot_delta, deltas = _count_deltas(export.status, request.outcome)
             values = [
-                uuid.UUID(export.export_id),
-                request.outcome.value,
-                request.error or None,
-                request.file_size_bytes or None,
-                request.duration_seconds or None,
-                request.output_uri or None,
-                request.render_seconds or None,
+                *_closing_columns(request),
                 export.user_id,
                 export.project_id,
                 export.usage_day,
@@ -447,13 +441,7 @@ class MeteringCore:
         # One statement locks, closes and moves the counts (see `complete` in queries.sql).
         row = await connection.fetchrow(
             QUERIES["complete"],
-            uuid.UUID(request.export_id),
-            request.outcome.value,
-            request.error or None,
-            request.file_size_bytes or None,
-            request.duration_seconds or None,
-            request.output_uri or None,
-            request.render_seconds or None,
+            *_closing_columns(request),
             self._policy.now(),
             _render_time_bucket(request),
         )
@@ -672,6 +660,20 @@ def _already_closed(export: Export, outcome: ExportStatus) -> errors.FailedPreco
                 "EXPORT_ALREADY_CLOSED", f"export:{export.export_id}", f"status is {export.status}"
             ),
         ),
+    )
+
+
+def _closing_columns(request: CompleteRequest) -> tuple[object, ...]:
+    """What a completion writes on its export, as `complete` and `complete_many` take it (unset: NULL)."""
+    assert request.outcome is not None
+    return (
+        uuid.UUID(request.export_id),
+        request.outcome.value,
+        request.error or None,
+        request.file_size_bytes or None,
+        request.duration_seconds or None,
+        request.output_uri or None,
+        request.render_seconds or None,
     )
 
 
