@@ -364,16 +364,7 @@ class MeteringCore:
             raise SplitBatch from None  # a lock held elsewhere: each call waits alone, not the batch
         # Reported after commit: a crash right here under-counts a metric, never the ledger.
         for outcome, old in moved:
-            self._events.export_moved(outcome, old)
-            log.log(
-                logging.INFO if old.status is ExportStatus.EXPIRED else logging.DEBUG,  # late ones at INFO
-                "export closed",
-                extra={
-                    "export_id": old.export_id,
-                    "outcome": outcome.value,
-                    "late": old.status is ExportStatus.EXPIRED,
-                },
-            )
+            self._report_closed(old, outcome, late=old.status is ExportStatus.EXPIRED)
         return outcomes
 
     async def _complete_many(
@@ -454,14 +445,18 @@ class MeteringCore:
             raise _already_closed(export, request.outcome)
         # Reported after commit (the statement is its own transaction): a crash right here under-counts a
         # metric, never the ledger.
-        self._events.export_moved(request.outcome, export)
-        late = row["previous_status"] == ExportStatus.EXPIRED.value
-        log.log(
-            logging.INFO if late else logging.DEBUG,  # late ones at INFO; the call's "rpc" line names the rest
-            "export closed",
-            extra={"export_id": export.export_id, "outcome": request.outcome.value, "late": late},
-        )
+        self._report_closed(export, request.outcome, late=row["previous_status"] == ExportStatus.EXPIRED.value)
         return export
+
+    def _report_closed(self, export: Export, outcome: ExportStatus, *, late: bool) -> None:
+        """Metrics and the log line of an export closed; late ones (closed after their lease ran out) at INFO,
+        the rest at DEBUG (the call's "rpc" line names them)."""
+        self._events.export_moved(outcome, export)
+        log.log(
+            logging.INFO if late else logging.DEBUG,
+            "export closed",
+            extra={"export_id": export.export_id, "outcome": outcome.value, "late": late},
+        )
 
     async def _lock_export(self, connection: asyncpg.Connection, export_id: str) -> Export:
         row = await connection.fetchrow(QUERIES["lock_export"], uuid.UUID(export_id))
