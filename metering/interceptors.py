@@ -31,7 +31,7 @@ from metering import errors
 from metering.auth import METERING_ACCESS, AuthInterceptor, Refusal, RequestCheck, TokenTable, log_refusal, refusal_of
 from metering.decoding import UNDECODABLE, RefuseUndecodable, tolerant, undecodable_message
 from metering.grpc_metrics import MethodRecorder, MetricsInterceptor, _final_code
-from metering.logs import request_id, request_id_from
+from metering.logs import info_writer, request_id, request_id_from
 
 log = logging.getLogger("metering.rpc")
 
@@ -161,7 +161,11 @@ def _log_call(rpc: str, code: str, started: float, fields: dict[str, Any], detai
     fields["ms"] = round((time.perf_counter() - started) * 1000, 2)
     if detail:
         fields["detail"] = detail
-    log.info("rpc", extra=fields)
+    write = info_writer(log)
+    if write is not None:
+        write("rpc", fields)
+    else:
+        log.info("rpc", extra=fields)
 
 
 def _unary_pipeline(

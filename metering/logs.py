@@ -13,7 +13,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -79,6 +79,58 @@ class JsonFormatter(logging.Formatter):
         return _encode(entry)
 
 
+class JsonLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The services' handler: JSON lines on a stream. `emit_info` writes the line an INFO record with `fields` as
+    its extras would give, without making the record: the per-call line costs the server a tenth of its CPU
+    through LogRecord and Formatter, at two lines a render. `writer_for` says when that shortcut is exact."""
+
+    def __init__(self, stream: Any, service: str) -> None:
+        super().__init__(stream)
+        self._json = JsonFormatter(service)
+        self.setFormatter(self._json)
+        self._service = service
+
+    def emit_info(self, logger_name: str, message: str, fields: dict[str, Any]) -> None:
+        entry: dict[str, Any] = {
+            "ts": self._json._timestamp(time.time()),
+            "level": "info",
+            "service": self._service,
+            "logger": logger_name,
+            "msg": message,
+        }
+        current = request_id.get()  # set by the record factory, before makeRecord adds the extras
+        if current is not None:
+            entry["request_id"] = current
+        for key, value in fields.items():
+            entry.setdefault(key, value)
+        line = _encode(entry) + self.terminator
+        with self.lock:  # type: ignore[union-attr]
+            self.stream.write(line)
+            self.stream.flush()
+
+
+def info_writer(logger: logging.Logger) -> Callable[[str, dict[str, Any]], None] | None:
+    """`(message, fields) -> None` writing what `logger.info(message, extra=fields)` would, when that record would
+    reach exactly one handler, a JsonLineHandler, through no filter; else None (then call `logger.info`).
+    Checked on every call: a test's log capture or an embedding application may add handlers at any time."""
+    if not logger.isEnabledFor(logging.INFO):
+        return None
+    handler: JsonLineHandler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        for candidate in current.handlers:
+            if handler is not None or not isinstance(candidate, JsonLineHandler):
+                return None
+            handler = candidate
+        current = current.parent if current.propagate else None  # type: ignore[assignment]
+    if handler is None or handler.filters or handler.level > logging.INFO:
+        return None
+    name = logger.name
+    return lambda message, fields: handler.emit_info(name, message, fields)
+
+
 def install_request_ids() -> None:
     """Every record made from now on carries the current call's request id (when there is one)."""
     factory = logging.getLogRecordFactory()
@@ -103,8 +155,7 @@ def configure_logging(level: str = "INFO", *, service: str = "metering") -> None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(service))
+    handler = JsonLineHandler(sys.stderr, service)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
