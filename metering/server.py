@@ -1,5 +1,5 @@
 """The metering gRPC server: Metering + grpc.health.v1.Health + reflection, a lease reaper, an archiver
-(retention) and a health probe, graceful drain on SIGTERM.
+(retention), a health probe and the ledger gauges' refresh, graceful drain on SIGTERM.
 """
 
 from __future__ import annotations
@@ -84,8 +84,10 @@ class MeteringServer:
             await self._close_pool()
             raise
         await self._probe_once()
+        await self._refresh_gauges()
         self._tasks = [
             asyncio.create_task(self._probe_forever(), name="metering-health-probe"),
+            asyncio.create_task(self._refresh_gauges_forever(), name="metering-gauges"),
             asyncio.create_task(self._reap_forever(), name="metering-reaper"),
             asyncio.create_task(self._compact_forever(), name="metering-summaries"),
         ]
@@ -158,12 +160,12 @@ class MeteringServer:
             self._serving = serving
             for service in ("", METERING_SERVICE):
                 await self._health.set(service, _SERVING if serving else _NOT_SERVING)
-        if serving:
-            await self._refresh_gauges()
 
     async def _refresh_gauges(self) -> None:
         # Apart from the health check: a count that fails or is slow must not turn the service NOT_SERVING.
         assert self.core is not None
+        if not self._serving:
+            return
         try:
             metrics.set_reservations_in_flight(await self.core.count_in_flight())
             metrics.set_users_near_limit(await self.core.count_near_limit())
@@ -177,6 +179,11 @@ class MeteringServer:
                 await self._probe_once()
             except Exception:
                 log.exception("health probe failed")
+
+    async def _refresh_gauges_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.gauge_refresh_seconds)
+            await self._refresh_gauges()
 
     async def _reap_forever(self) -> None:
         assert self.core is not None

@@ -222,7 +222,7 @@ def scrape_near_limit(port: int) -> dict[str, float]:
 
 
 async def wait_gauge(port: int, wanted: dict[str, int]) -> dict[str, float]:
-    """The health probe (every 0.5 s in tests) sets the gauge; scrape until it shows `wanted`. Series of tiers
+    """Each replica recounts the gauge (every 0.5 s in tests); scrape until it shows `wanted`. Series of tiers
     that other tests in this process configured are shown too, and must read 0."""
     deadline = time.monotonic() + 15
     expected = {tier: float(count) for tier, count in wanted.items()}

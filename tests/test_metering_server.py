@@ -113,6 +113,7 @@ async def test_every_metering_rpc_passes_through_the_status_mapping(
         ("METERING_TIERS_FILE", "/nonexistent/tiers.toml"),
         ("METERING_DB_POOL_SIZE", "0"),
         ("METERING_LOG_LEVEL", "chatty"),
+        ("METERING_GAUGE_REFRESH_SECONDS", "-1"),
     ],
 )
 def test_bad_configuration_is_refused_naming_the_variable(variable: str, value: str) -> None:
@@ -127,6 +128,7 @@ def test_configuration_defaults_follow_the_contract() -> None:
     assert Config.from_env({}).lease_seconds == 120 and Config.from_env({}).reaper_interval_seconds == 5
     assert Config.from_env({"METERING_LISTEN": "[::1]:0"}).listen_address == "[::1]:0"
     assert config.database_url is None
+    assert (config.health_probe_seconds, config.gauge_refresh_seconds) == (2, 15)
 
 
 def run_metering(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

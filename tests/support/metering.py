@@ -37,8 +37,12 @@ from metering.quota import Clock, system_clock
 from metering.server import MeteringServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# Short probe interval so outage tests see NOT_SERVING quickly.
-TEST_DEFAULTS = {"METERING_HEALTH_PROBE_SECONDS": "0.5", "METERING_SHUTDOWN_GRACE_SECONDS": "5"}
+# Short intervals: outage tests see NOT_SERVING quickly, gauge tests see a new count soon.
+TEST_DEFAULTS = {
+    "METERING_HEALTH_PROBE_SECONDS": "0.5",
+    "METERING_GAUGE_REFRESH_SECONDS": "0.5",
+    "METERING_SHUTDOWN_GRACE_SECONDS": "5",
+}
 
 
 @dataclass
