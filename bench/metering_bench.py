@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import profile
 from bench.consistency import check_ledger
-from bench.database import BenchPostgres
+from bench.database import BenchPostgres, settle
 from bench.load import LoadResult, LoadSpec, run_load
 from bench.machine import peak_rss_mib
 from bench.pgbench import run_pgbench
@@ -170,6 +170,7 @@ async def _run_shape(pg: BenchPostgres, settings: MeteringSettings, shape: str) 
             closed, service_cpu = await _measure(spec(service.target, label="closed"), service.pid)
             profile_error = profile.finish_recording(recording) if recording is not None else ""
             rate = max(1.0, closed.pairs_per_second / 2)
+            await settle(database, vacuum=True)  # the saturated run's leftovers are not the half load's to pay
             open_loop, open_cpu = await _measure(spec(service.target, rate=rate, label="open"), service.pid)
             peak_rss = peak_rss_mib(service.pid)
         ledger = await check_ledger(database)

@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.database import BenchPostgres
+from bench.database import BenchPostgres, settle
 from bench.load import percentile
 from bench.services import metering_process
 from metering import stats
@@ -152,6 +152,7 @@ async def seed(dsn: str, exports: int, users: int) -> dict[str, Any]:
         }
     finally:
         await connection.close()
+    await settle(dsn)  # vacuumed above
     return {"seconds": round(time.monotonic() - started, 2), "rows": counts}
 
 
