@@ -12,7 +12,9 @@ distribution, and this module knows nothing of either core):
   side by side so that "who may call what" reads in one place.
 - `AuthInterceptor` (grpc.aio): no or malformed or unknown credentials -> UNAUTHENTICATED; a valid token
   whose role may not call the method (or not with this request) -> PERMISSION_DENIED. Health and
-  reflection need no credentials. Put it before the status mapping, so its refusals are not rewritten.
+  reflection need no credentials, but credentials sent to them must be valid (UNAUTHENTICATED otherwise:
+  that is how a renderer's health check finds out its METERING_TOKEN is wrong). Put it before the status
+  mapping, so its refusals are not rewritten.
 - `ServerTls` / `ClientTls`: certificate files named by the environment -> gRPC credentials.
 
 Importing this module imports grpc but creates no gRPC object (grpc_init runs with the first channel or
@@ -233,9 +235,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
-        if handler is None or self._policy.is_public(method):
+        if handler is None:
             return handler
-        role, decision = self.authorize(method, handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
+        if self._policy.is_public(method):
+            # Open to callers without credentials; credentials that are sent must be valid, so that a caller
+            # probing health with a wrong token (a renderer's METERING_TOKEN) learns so, not SERVING.
+            if not any(key == "authorization" for key, _ in metadata or ()):
+                return handler
+            identity = self._authenticate(metadata)
+            return _refusing(handler, identity, method, None) if isinstance(identity, Refusal) else handler
+        role, decision = self.authorize(method, metadata)
         if decision is None:
             return handler
         if isinstance(decision, RequestCheck):

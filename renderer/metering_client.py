@@ -134,11 +134,17 @@ class GrpcMeteringClient:
         )
         return answer.lease_expires_at.ToDatetime(tzinfo=UTC)
 
-    async def healthy(self) -> bool:
+    async def unhealthy_because(self) -> str | None:
+        """None when metering is SERVING and takes this renderer's credentials (they are sent with the check,
+        and metering refuses wrong ones even there), else why not."""
         try:
             answer = await self._health.Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=self._timeout, metadata=self._metadata()
             )
-        except grpc.aio.AioRpcError:
-            return False
-        return answer.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                return f"metering refused this renderer's credentials ({error.code().name}): check METERING_TOKEN"
+            return f"metering did not answer its health check ({error.code().name}: {error.details()})"
+        if answer.status != health_pb2.HealthCheckResponse.SERVING:
+            return f"metering is {health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)}"
+        return None

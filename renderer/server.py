@@ -163,13 +163,21 @@ def _servicer(runner: JobRunner) -> renderer_pb2_grpc.RendererServicer:
 
 
 async def _follow_metering_health(metering: GrpcMeteringClient, health_servicer: health.aio.HealthServicer) -> None:
-    """SERVING only while metering answers: without metering, nothing renders."""
+    """SERVING only while metering answers and takes this renderer's token: without metering, nothing renders.
+    Each change is logged once, with the reason."""
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    last_reason: str | None = ""  # neither None (serving) nor a reason: the first round always logs a problem
     while True:
-        status = serving if await metering.healthy() else not_serving
+        reason = await metering.unhealthy_because()
+        if reason != last_reason:
+            if reason is not None:
+                log.warning("metering unusable: NOT_SERVING", extra={"reason": reason})
+            elif last_reason:
+                log.info("metering answers again: SERVING")
+            last_reason = reason
         for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, status)
+            await health_servicer.set(name, serving if reason is None else not_serving)
         await asyncio.sleep(HEALTH_PROBE_SECONDS)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from exportapi.metering.v1 import metering_pb2 as pb
@@ -354,6 +354,49 @@ async def test_health_and_reflection_need_no_credentials(database_url: str, tmp_
                 ):
                     listed = [s.name for s in reply.list_services_response.service]
                 assert service in listed
+
+
+async def test_credentials_sent_to_health_must_be_valid(database_url: str, tmp_path: Path) -> None:
+    async def health_with(target: str, token: str | None) -> grpc.StatusCode | int:
+        async with grpc.aio.insecure_channel(target) as channel:
+            try:
+                answer = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), metadata=bearer(token), timeout=5
+                )
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+        return answer.status
+
+    serving = health_pb2.HealthCheckResponse.SERVING
+    async with (
+        metering_with_auth(database_url) as metering_target,
+        start_renderer(
+            metering_target, tmp_path, METERING_TOKEN=RENDERER_TOKEN, RENDERER_AUTH_TOKENS=RENDERER_TOKENS
+        ) as running,
+    ):
+        await wait_health(running.target, serving)
+        for target, valid in ((metering_target, RENDERER_TOKEN), (running.target, RENDERER_BACKEND_TOKEN)):
+            assert await health_with(target, None) == serving
+            assert await health_with(target, valid) == serving
+            assert await health_with(target, WRONG_TOKEN) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_renderer_with_a_wrong_metering_token_is_not_serving_and_says_why(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with metering_with_auth(database_url) as metering_target:
+        async with start_renderer(
+            metering_target, tmp_path / "wrong", METERING_TOKEN=WRONG_TOKEN, RENDERER_AUTH_TOKENS=RENDERER_TOKENS
+        ) as running:
+            await wait_health(running.target, health_pb2.HealthCheckResponse.NOT_SERVING)
+        async with start_renderer(
+            metering_target, tmp_path / "right", METERING_TOKEN=RENDERER_TOKEN, RENDERER_AUTH_TOKENS=RENDERER_TOKENS
+        ) as running:
+            await wait_health(running.target, health_pb2.HealthCheckResponse.SERVING)
+    (warning,) = {record.reason for record in caplog.records if record.getMessage() == "metering unusable: NOT_SERVING"}  # type: ignore[attr-defined]
+    assert "METERING_TOKEN" in warning and "UNAUTHENTICATED" in warning
+    assert_no_token_in(logged_text(caplog))
 
 
 async def test_without_auth_configured_everyone_on_loopback_may_call(metering_target: str) -> None:
