@@ -82,7 +82,7 @@ class JsonFormatter(logging.Formatter):
 class JsonLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The services' handler: JSON lines on a stream. `emit_info` writes the line an INFO record with `fields` as
     its extras would give, without making the record: the per-call line costs the server a tenth of its CPU
-    through LogRecord and Formatter, at two lines a render. `writer_for` says when that shortcut is exact."""
+    through LogRecord and Formatter, at two lines a render. `info_writer` says when that shortcut is exact."""
 
     def __init__(self, stream: Any, service: str) -> None:
         super().__init__(stream)
@@ -103,10 +103,13 @@ class JsonLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             entry["request_id"] = current
         for key, value in fields.items():
             entry.setdefault(key, value)
-        line = _encode(entry) + self.terminator
-        with self.lock:  # type: ignore[union-attr]
-            self.stream.write(line)
-            self.stream.flush()
+        try:
+            line = _encode(entry) + self.terminator
+            with self.lock:  # type: ignore[union-attr]
+                self.stream.write(line)
+                self.stream.flush()
+        except Exception:  # as logging does: a log line that cannot be written never fails the call
+            self.handleError(logging.makeLogRecord({"name": logger_name, "msg": message}))
 
 
 def info_writer(logger: logging.Logger) -> Callable[[str, dict[str, Any]], None] | None:

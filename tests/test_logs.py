@@ -74,3 +74,16 @@ def test_the_shortcut_steps_aside_for_anything_else_that_would_see_the_record(
 def test_under_a_log_capture_the_records_still_reach_it(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     assert info_writer(logging.getLogger("metering.rpc")) is None  # pytest's handlers are not JSON lines
+
+
+def test_a_line_that_cannot_be_written_does_not_raise(logger: tuple[logging.Logger, io.StringIO]) -> None:
+    log, stream = logger
+    write = info_writer(log)
+    assert write is not None
+    stream.close()  # as when stderr is gone
+    previous, logging.raiseExceptions = logging.raiseExceptions, False
+    try:
+        write("rpc", {"rpc": "Complete", "code": "OK"})
+        log.info("rpc", extra={"rpc": "Complete", "code": "OK"})
+    finally:
+        logging.raiseExceptions = previous
