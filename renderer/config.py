@@ -41,6 +41,7 @@ class RendererConfig:
     asset_roots: tuple[Path, ...]
     source_buckets: frozenset[str]  # buckets s3:// sources may come from (RENDER_SOURCE_BUCKETS)
     stall_seconds: float  # stop an ffmpeg that shows no sign of life this long (RENDER_STALL_SECONDS)
+    output_retention_hours: float  # finished local renders older than this are removed; 0: kept
     metering_timeout_seconds: float
     metering_token: str | None = field(repr=False)  # a secret: kept out of repr and logs
     metrics_listen: str | None
@@ -90,6 +91,7 @@ class RendererConfig:
             asset_roots=roots,
             source_buckets=parse_buckets(env.get("RENDER_SOURCE_BUCKETS")),
             stall_seconds=_float(env, "RENDER_STALL_SECONDS", 60.0, minimum=1.0),
+            output_retention_hours=_float(env, "RENDER_OUTPUT_RETENTION_HOURS", 0.0, minimum=0.0),
             metering_timeout_seconds=_float(env, "METERING_TIMEOUT_SECONDS", 5.0, minimum=0.1),
             metering_token=_metering_token(env),
             metrics_listen=_optional_host_port(env, "RENDERER_METRICS_LISTEN"),

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from exportapi.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from metering.auth import RENDERER_ACCESS, AuthInterceptor
 from metering.decoding import RefuseUndecodable
-from renderer import metrics
+from renderer import metrics, retention
 from renderer.config import ConfigError, RendererConfig, is_loopback, require_auth_beyond_loopback
 from renderer.domain import RenderBackend, RenderMode
 from renderer.jobs import Job, JobRunner, JobState
@@ -40,6 +40,7 @@ class RunningRenderer:
     metering: GrpcMeteringClient
     health_task: asyncio.Task[None]
     stop_metrics: Callable[[], None] | None = None
+    retention_task: asyncio.Task[None] | None = None
 
     @property
     def target(self) -> str:
@@ -48,10 +49,14 @@ class RunningRenderer:
     async def stop(self, grace_seconds: float = 10.0) -> None:
         """Refuse new calls, let in-flight renders finish within the grace period, flush completions."""
         self.health_task.cancel()
+        if self.retention_task is not None:
+            self.retention_task.cancel()
         await self.server.stop(grace_seconds)
         await self.runner.shutdown(grace_seconds)
         with contextlib.suppress(asyncio.CancelledError):
             await self.health_task
+        if self.retention_task is not None:
+            await asyncio.gather(self.retention_task, return_exceptions=True)
         if self.stop_metrics is not None:
             self.stop_metrics()
             metrics.set_outbox(0, 0)  # the gauges read the outbox at scrape time; it closes next
@@ -85,6 +90,9 @@ def build_backends(config: RendererConfig) -> dict[RenderMode, RenderBackend]:
 
 async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 30.0) -> RunningRenderer:
     require_auth_beyond_loopback(config.listen, config.auth)
+    removed = retention.remove_partials(config.output_dir)
+    if removed:
+        log.info("partial renders of an earlier process removed", extra={"count": removed})
     metering = GrpcMeteringClient(
         config.metering_target,
         timeout_seconds=config.metering_timeout_seconds,
@@ -127,6 +135,11 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
         )
     await server.start()
     health_task = asyncio.create_task(_follow_metering_health(metering, health_servicer))
+    retention_task = None
+    if config.output_retention_hours > 0:
+        retention_task = asyncio.create_task(
+            retention.sweep_forever(config.output_dir, config.output_retention_hours * 3600), name="render-retention"
+        )
     stop_metrics = None
     if config.metrics_listen:
         metrics.track_outbox(outbox.depth, lambda: len(outbox.dead_letters()))
@@ -143,7 +156,7 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
             "metering_tls": config.metering_tls is not None,
         },
     )
-    return RunningRenderer(server, port, runner, outbox, metering, health_task, stop_metrics)
+    return RunningRenderer(server, port, runner, outbox, metering, health_task, stop_metrics, retention_task)
 
 
 def _record_transition(job: Job, previous: JobState | None) -> None:

@@ -1,0 +1,76 @@
+"""What the local backend leaves in RENDER_OUTPUT_DIR over time: a crashed render's partial file, and finished
+renders nobody deletes.
+
+- `remove_partials`: at start-up, every `.<export_id>.<hex>.partial.<ext>` file. Jobs live in the renderer
+  process, so none of them belongs to a running render then; each is what a killed render left.
+- `remove_expired`: finished renders (`<export_id>.<ext>`) last modified more than the retention ago, when
+  RENDER_OUTPUT_RETENTION_HOURS is set (0, the default, keeps them: whoever collects the files may need them
+  for as long as they like). Nothing else in the folder is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from pathlib import Path
+
+from renderer.domain import OutputFormat
+
+log = logging.getLogger(__name__)
+
+_EXTENSIONS = "|".join(re.escape(fmt.value) for fmt in OutputFormat)
+# The names LocalBackend gives (an export id: local_backend._SAFE_EXPORT_ID), and nothing else.
+_FINISHED = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}\.(?:{_EXTENSIONS})$")
+_PARTIAL = re.compile(rf"^\.[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}\.[0-9a-f]{{8}}\.partial\.(?:{_EXTENSIONS})$")
+MAX_SWEEP_INTERVAL_SECONDS = 3600.0
+
+
+def _remove(paths: list[Path]) -> int:
+    removed = 0
+    for path in paths:
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            log.warning("could not remove an old render file", extra={"path": str(path), "error": str(error)})
+    return removed
+
+
+def remove_partials(output_dir: Path) -> int:
+    if not output_dir.is_dir():
+        return 0
+    return _remove([path for path in output_dir.iterdir() if _PARTIAL.match(path.name) and path.is_file()])
+
+
+def remove_expired(output_dir: Path, retention_seconds: float, now: float | None = None) -> int:
+    if not output_dir.is_dir():
+        return 0
+    cutoff = (time.time() if now is None else now) - retention_seconds
+    expired = []
+    for path in output_dir.iterdir():
+        if not _FINISHED.match(path.name):
+            continue
+        try:
+            stat = path.lstat()
+        except FileNotFoundError:
+            continue
+        if path.is_file() and not path.is_symlink() and stat.st_mtime < cutoff:
+            expired.append(path)
+    return _remove(expired)
+
+
+async def sweep_forever(output_dir: Path, retention_seconds: float) -> None:
+    """Removes expired renders now, then every quarter of the retention (at most hourly)."""
+    interval = min(retention_seconds / 4, MAX_SWEEP_INTERVAL_SECONDS)
+    while True:
+        try:
+            removed = await asyncio.to_thread(remove_expired, output_dir, retention_seconds)
+            if removed:
+                log.info("expired renders removed", extra={"count": removed, "output_dir": str(output_dir)})
+        except Exception:
+            log.exception("render retention sweep failed")
+        await asyncio.sleep(interval)
