@@ -84,7 +84,6 @@ class MeteringServer:
             await self._close_pool()
             raise
         await self._probe_once()
-        await self._refresh_gauges()
         self._tasks = [
             asyncio.create_task(self._probe_forever(), name="metering-health-probe"),
             asyncio.create_task(self._refresh_gauges_forever(), name="metering-gauges"),
@@ -181,9 +180,10 @@ class MeteringServer:
                 log.exception("health probe failed")
 
     async def _refresh_gauges_forever(self) -> None:
+        # In a task from the start: at many users a day the first count must not hold up the reaper's start.
         while True:
-            await asyncio.sleep(self.config.gauge_refresh_seconds)
             await self._refresh_gauges()
+            await asyncio.sleep(self.config.gauge_refresh_seconds)
 
     async def _reap_forever(self) -> None:
         assert self.core is not None
