@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import stat
 import time
 from pathlib import Path
 
@@ -55,10 +56,10 @@ def remove_expired(output_dir: Path, retention_seconds: float, now: float | None
         if not _FINISHED.match(path.name):
             continue
         try:
-            stat = path.lstat()
+            info = path.lstat()  # not followed: a link is not a render, whatever it points to
         except FileNotFoundError:
             continue
-        if path.is_file() and not path.is_symlink() and stat.st_mtime < cutoff:
+        if stat.S_ISREG(info.st_mode) and info.st_mtime < cutoff:
             expired.append(path)
     return _remove(expired)
 
