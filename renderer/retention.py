@@ -1,8 +1,10 @@
 """What the local backend leaves in RENDER_OUTPUT_DIR over time: a crashed render's partial file, and finished
 renders nobody deletes.
 
-- `remove_partials`: at start-up, every `.<export_id>.<hex>.partial.<ext>` file. Jobs live in the renderer
-  process, so none of them belongs to a running render then; each is what a killed render left.
+- `remove_partials`: at start-up, every `.<export_id>.<hex>.partial.<ext>` file untouched for longer than a
+  render may go without writing (RENDER_STALL_SECONDS: a slower one is stopped). Jobs live in the renderer
+  process, so such a file is what a killed render left; a fresh one may be another renderer's sharing the
+  folder, and stays.
 - `remove_expired`: finished renders (`<export_id>.<ext>`) last modified more than the retention ago, when
   RENDER_OUTPUT_RETENTION_HOURS is set (0, the default, keeps them: whoever collects the files may need them
   for as long as they like). Nothing else in the folder is touched.
@@ -41,27 +43,30 @@ def _remove(paths: list[Path]) -> int:
     return removed
 
 
-def remove_partials(output_dir: Path) -> int:
-    if not output_dir.is_dir():
-        return 0
-    return _remove([path for path in output_dir.iterdir() if _PARTIAL.match(path.name) and path.is_file()])
+def remove_partials(output_dir: Path, untouched_seconds: float) -> int:
+    return _remove(_files_older_than(output_dir, _PARTIAL, untouched_seconds))
 
 
-def remove_expired(output_dir: Path, retention_seconds: float, now: float | None = None) -> int:
+def remove_expired(output_dir: Path, retention_seconds: float) -> int:
+    return _remove(_files_older_than(output_dir, _FINISHED, retention_seconds))
+
+
+def _files_older_than(output_dir: Path, name: re.Pattern[str], seconds: float) -> list[Path]:
+    """Regular files of `output_dir` named like `name`, last modified more than `seconds` ago."""
     if not output_dir.is_dir():
-        return 0
-    cutoff = (time.time() if now is None else now) - retention_seconds
-    expired = []
+        return []
+    cutoff = time.time() - seconds
+    found = []
     for path in output_dir.iterdir():
-        if not _FINISHED.match(path.name):
+        if not name.match(path.name):
             continue
         try:
             info = path.lstat()  # not followed: a link is not a render, whatever it points to
         except FileNotFoundError:
             continue
         if stat.S_ISREG(info.st_mode) and info.st_mtime < cutoff:
-            expired.append(path)
-    return _remove(expired)
+            found.append(path)
+    return found
 
 
 async def sweep_forever(output_dir: Path, retention_seconds: float) -> None:

@@ -90,7 +90,7 @@ def build_backends(config: RendererConfig) -> dict[RenderMode, RenderBackend]:
 
 async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 30.0) -> RunningRenderer:
     require_auth_beyond_loopback(config.listen, config.auth)
-    removed = retention.remove_partials(config.output_dir)
+    removed = retention.remove_partials(config.output_dir, untouched_seconds=2 * config.stall_seconds)
     if removed:
         log.info("partial renders of an earlier process removed", extra={"count": removed})
     metering = GrpcMeteringClient(

@@ -40,14 +40,17 @@ async def test_a_killed_renders_partial_file_goes_at_the_next_start_and_nothing_
     metering_target: str, tmp_path: Path
 ) -> None:
     renders = tmp_path / "renders"
-    touch(renders / f".{EXPORT_ID}.0a1b2c3d.partial.mp4")
+    touch(renders / f".{EXPORT_ID}.0a1b2c3d.partial.mp4", hours_ago=1)
+    fresh_partial = ".0b9e2c1d-1111-4c1d-9e2f-0a1b2c3d4e5f.0a1b2c3e.partial.mp4"
+    touch(renders / fresh_partial)  # written to just now: maybe another renderer's, sharing the folder
     kept = {
+        fresh_partial,
         f"{EXPORT_ID}.mp4",  # a finished render: retention is off by default
         "README.partial.mp4",  # not a name the renderer gives
         ".other.partial",
         "notes.txt",
     }
-    for name in kept:
+    for name in kept - {fresh_partial}:
         touch(renders / name, hours_ago=24 * 365)
     async with start_renderer(metering_target, tmp_path):
         assert names(renders) == kept
@@ -74,7 +77,7 @@ def test_remove_expired_counts_what_it_removed(tmp_path: Path) -> None:
     assert retention.remove_expired(tmp_path, retention_seconds=2 * 3600) == 1
     assert names(tmp_path) == {"b.mp4"}
     assert retention.remove_expired(tmp_path / "absent", retention_seconds=1) == 0
-    assert retention.remove_partials(tmp_path / "absent") == 0
+    assert retention.remove_partials(tmp_path / "absent", untouched_seconds=1) == 0
 
 
 @pytest.mark.parametrize("value", ["-1", "soon", "inf"])
