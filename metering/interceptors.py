@@ -10,9 +10,6 @@ method's first call, a single wrapper that does, in this order, what four stacke
 with the final code, authentication before the request bytes are parsed, refusal of undecodable bytes,
 status mapping and the log line), and reuses it for every later call. Other services (health, reflection)
 go through the separate interceptors, in the same order.
-
-`Drain` keeps count of the Metering calls in progress: a stopping server answers new calls UNAVAILABLE
-itself while the calls it has finish, and stops gRPC only then (see `Drain`).
 """
 
 from __future__ import annotations
@@ -171,51 +168,10 @@ def _log_call(rpc: str, code: str, started: float, fields: dict[str, Any], detai
         log.info("rpc", extra=fields)
 
 
-class Drain:
-    """The Metering calls in progress, and whether the server is draining.
-
-    A draining server answers every new Metering call UNAVAILABLE (retry elsewhere) while the calls it has
-    finish; only then is gRPC's own server stopped. gRPC's stop alone would answer a call that had arrived but
-    not reached a handler yet CANCELLED (grpc/grpc#41785), which a client takes for its own cancellation."""
-
-    REFUSAL = "metering is shutting down; retry on another replica"
-
-    def __init__(self) -> None:
-        self.draining = False
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    def enter(self) -> None:
-        self._in_flight += 1
-
-    def leave(self) -> None:
-        self._in_flight -= 1
-        if self.draining and not self._in_flight:
-            self._idle.set()
-
-    async def finish(self, grace: float) -> bool:
-        """Refuses new calls from now on and waits up to `grace` seconds for the calls in progress to end.
-        True when they all did."""
-        self.draining = True
-        if not self._in_flight:
-            return True
-        try:
-            async with asyncio.timeout(grace):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
-
-
 def _unary_pipeline(
     handler: grpc.RpcMethodHandler,
     method: str,
     *,
-    drain: Drain,
     recorder: MethodRecorder | None = None,
     auth: AuthInterceptor | None = None,
     parse_here: bool = False,
@@ -234,12 +190,6 @@ def _unary_pipeline(
         started = perf_counter()
         metadata = context.invocation_metadata()
         request_id.set(request_id_from(metadata))  # this call's task only
-        if drain.draining:
-            _log_call(rpc, "UNAVAILABLE", started, {}, Drain.REFUSAL)
-            if recorder is not None:
-                recorder.record(perf_counter() - started, grpc.StatusCode.UNAVAILABLE)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, Drain.REFUSAL)
-        drain.enter()
         try:
             fields: dict[str, Any] = {}
             try:
@@ -279,8 +229,6 @@ def _unary_pipeline(
             if recorder is not None:
                 recorder.record(perf_counter() - started, _final_code(context, error))
             raise
-        finally:
-            drain.leave()
         _log_call(rpc, "OK", started, describe(request, response))
         if recorder is not None:
             recorder.record(perf_counter() - started, _final_code(context, None))
@@ -315,11 +263,8 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
     """The metering server's only interceptor (see the module's docstring): metrics, authentication
     (`tokens`; None: none), undecodable refusal, status mapping and the log line, one wrapper per call."""
 
-    def __init__(
-        self, tokens: TokenTable | None = None, *, metrics: MetricsInterceptor, drain: Drain | None = None
-    ) -> None:
+    def __init__(self, tokens: TokenTable | None = None, *, metrics: MetricsInterceptor) -> None:
         self._prefix = f"/{METERING_SERVICE}/"
-        self.drain = drain if drain is not None else Drain()
         self._metrics = metrics
         self._auth = AuthInterceptor(tokens, METERING_ACCESS) if tokens is not None else None
         # For every other call: the separate interceptors, innermost first.
@@ -343,12 +288,7 @@ class MeteringInterceptor(grpc.aio.ServerInterceptor):
             return wrapped
         if handler.unary_unary is not None and method.startswith(self._prefix):
             wrapped = _unary_pipeline(
-                handler,
-                method,
-                drain=self.drain,
-                recorder=self._metrics.recorder(method),
-                auth=self._auth,
-                parse_here=True,
+                handler, method, recorder=self._metrics.recorder(method), auth=self._auth, parse_here=True
             )
             self._cache.put(method, handler, wrapped)
             return wrapped

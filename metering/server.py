@@ -9,7 +9,6 @@ import contextlib
 import logging
 import random
 import signal
-import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -23,7 +22,7 @@ from metering import db, errors, metrics, migrate
 from metering.config import Config, is_loopback
 from metering.core import MeteringCore
 from metering.domain import Export, ExportStatus
-from metering.interceptors import METERING_SERVICE, Drain, MeteringInterceptor
+from metering.interceptors import METERING_SERVICE, MeteringInterceptor
 from metering.quota import Clock, QuotaPolicy, system_clock
 from metering.servicer import MeteringServicer
 
@@ -45,7 +44,6 @@ class MeteringServer:
         self._pool = None
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
-        self._drain = Drain()
         self._tasks: list[asyncio.Task[None]] = []
         self._serving: bool | None = None
         self.port = 0
@@ -112,16 +110,11 @@ class MeteringServer:
             )
 
     async def _start_grpc(self) -> None:
-        self._drain = Drain()  # a server started again after a stop takes calls again
         # SO_REUSEPORT off: a second server on a taken port must fail, not share it silently.
         # One interceptor: metrics (recording the codes the error mapping produced), auth, undecodable refusal,
         # status mapping and the log line, in one wrapper per Metering method (metering/interceptors.py).
         server = grpc.aio.server(
-            interceptors=[
-                MeteringInterceptor(
-                    self.config.auth, metrics=metrics.MetricsInterceptor([_SERVICE]), drain=self._drain
-                )
-            ],
+            interceptors=[MeteringInterceptor(self.config.auth, metrics=metrics.MetricsInterceptor([_SERVICE]))],
             options=[("grpc.so_reuseport", 0)],
         )
         assert self.core is not None
@@ -240,16 +233,9 @@ class MeteringServer:
             await asyncio.sleep(interval)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stops taking calls, lets in-flight calls finish for up to `grace` seconds, then closes.
-
-        New Metering calls are answered UNAVAILABLE until the calls in progress are done; gRPC's server stops
-        only then, with what is left of the grace for their responses to go out (see `Drain`)."""
+        """Stops taking calls, lets in-flight calls finish for up to `grace` seconds, then closes."""
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
-            if grace:
-                started = time.monotonic()
-                await self._drain.finish(grace)
-                grace = max(grace - (time.monotonic() - started), min(grace, 1.0))
             await self._server.stop(grace)
             self._server = None
         for task in self._tasks:

@@ -92,7 +92,6 @@ async def test_sigterm_under_load_finishes_in_flight_calls_refuses_new_ones_and_
                 await until(count(probes.attempts, lambda a: a.code == UNAVAILABLE, 10), timeout=15, what="refusals")
             # Still draining: the held calls keep the server alive.
             still_running = metering.running and not any(call.done() for call in held)
-            released = time.monotonic()
             await transaction.rollback()
             answers = await asyncio.gather(*held)
             returncode = await metering.wait_exit(30)
@@ -105,13 +104,10 @@ async def test_sigterm_under_load_finishes_in_flight_calls_refuses_new_ones_and_
     violations = await ledger_violations(database_url)
 
     first_refusal = min(a.ended for a in attempts if a.code == UNAVAILABLE)
+    # CANCELLED: a call that reached the server as it stopped, before a handler took it; gRPC cancels
+    # those instead of refusing them (grpc/grpc#41785). Never run, so never in the ledger (checked below).
     assert {a.code for a in attempts} <= {OK, UNAVAILABLE, CANCELLED}
-    # While the held calls keep it draining, the server itself refuses every new call UNAVAILABLE.
-    assert all(a.code == UNAVAILABLE for a in attempts if first_refusal < a.started and a.ended < released)
-    # CANCELLED only once the drain is over and gRPC's server stops: a call that reached it then, before a
-    # handler took it, is cancelled instead of refused (grpc/grpc#41785). Never run, so never in the ledger.
-    assert all(a.ended > released for a in attempts if a.code == CANCELLED)
-    assert all(a.code in (UNAVAILABLE, CANCELLED) for a in attempts if a.started > first_refusal)
+    assert all(a.code == UNAVAILABLE for a in attempts if a.started > first_refusal)  # refused from then on
     assert still_running
     assert sorted(answer.usage.used for answer in answers) == [2, 3]  # every held call finished OK
     assert returncode == 0
