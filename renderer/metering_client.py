@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import grpc
@@ -37,6 +38,13 @@ _TRANSIENT = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.CANCELLED,
 }
+
+# A reservation refused by a metering replica that is stopping (UNAVAILABLE, or CANCELLED: grpc/grpc#41785) is
+# tried once more after this pause, on a new connection that reaches another replica: a rolling update of
+# metering must not fail users' exports. Safe because CheckAndReserve is idempotent by key: if the first call
+# did reserve and only its answer was lost, the second replays the same export.
+RESERVE_RETRY_DELAY_SECONDS = 0.1
+_RETRY_RESERVE_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 class GrpcMeteringClient:
@@ -84,18 +92,23 @@ class GrpcMeteringClient:
 
     async def reserve(self, request: ReserveRequest) -> Reservation:
         composition = request.composition
-        answer = await self._call(
-            self._stub.CheckAndReserve,
-            metering_pb2.CheckAndReserveRequest(
-                idempotency_key=request.idempotency_key,
-                user_id=request.user_id,
-                project_id=request.project_id,
-                render_mode=_MODES[request.mode],
-                format=request.format.value,
-                duration_seconds=composition.duration_seconds,
-                resolution=composition.resolution,
-            ),
+        message = metering_pb2.CheckAndReserveRequest(
+            idempotency_key=request.idempotency_key,
+            user_id=request.user_id,
+            project_id=request.project_id,
+            render_mode=_MODES[request.mode],
+            format=request.format.value,
+            duration_seconds=composition.duration_seconds,
+            resolution=composition.resolution,
         )
+        try:
+            answer = await self._call(self._stub.CheckAndReserve, message)
+        except MeteringUnavailable as error:
+            cause = error.__cause__
+            if not (isinstance(cause, grpc.aio.AioRpcError) and cause.code() in _RETRY_RESERVE_ON):
+                raise
+            await asyncio.sleep(RESERVE_RETRY_DELAY_SECONDS)
+            answer = await self._call(self._stub.CheckAndReserve, message)
         if answer.replayed and answer.export.status != metering_pb2.EXPORT_STATUS_RESERVED:
             export = answer.export
             raise ExportAlreadyClosed(

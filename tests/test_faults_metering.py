@@ -4,11 +4,12 @@ Each test ends with the ledger: everything acknowledged is there, nothing refuse
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -17,6 +18,9 @@ import pytest
 
 from exportapi.metering.v1 import metering_pb2
 from exportapi.renderer.v1 import renderer_pb2
+from renderer.domain import Composition, OutputFormat, RenderMode
+from renderer.metering_client import GrpcMeteringClient
+from renderer.metering_port import MeteringUnavailable, ReserveRequest
 from tests.support.faults import (
     Attempt,
     MeteringReplica,
@@ -218,6 +222,102 @@ async def test_a_call_cancelled_by_a_stopping_metering_reaches_the_renderers_cal
         await server.stop(None)
     assert refused.value.code() == UNAVAILABLE
     assert not (tmp_path / "renders").exists() or not any((tmp_path / "renders").iterdir())
+
+
+@contextlib.asynccontextmanager
+async def faulty_front(metering_target: str, faults: list[str]) -> AsyncIterator[tuple[str, list[str]]]:
+    """A gRPC server in front of a real metering whose CheckAndReserve calls take the next of `faults` first:
+    "cancel" answers CANCELLED without passing the call on (a stopping replica, grpc/grpc#41785), "lose" passes
+    it on and then answers UNAVAILABLE (the reservation made, its answer lost), "" passes it on. Yields the
+    front's target and the list of what each call met."""
+    met: list[str] = []
+    upstream = grpc.aio.insecure_channel(metering_target)
+    forward = upstream.unary_unary(
+        "/exportapi.metering.v1.Metering/CheckAndReserve",
+        request_serializer=metering_pb2.CheckAndReserveRequest.SerializeToString,
+        response_deserializer=metering_pb2.CheckAndReserveResponse.FromString,
+    )
+
+    async def check_and_reserve(
+        request: metering_pb2.CheckAndReserveRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.CheckAndReserveResponse:
+        fault = faults.pop(0) if faults else ""
+        met.append(fault)
+        if fault == "cancel":
+            await context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+        answer = await forward(request)
+        if fault == "lose":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+        return answer
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "exportapi.metering.v1.Metering",
+                {
+                    "CheckAndReserve": grpc.unary_unary_rpc_method_handler(
+                        check_and_reserve,
+                        request_deserializer=metering_pb2.CheckAndReserveRequest.FromString,
+                        response_serializer=metering_pb2.CheckAndReserveResponse.SerializeToString,
+                    )
+                },
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", met
+    finally:
+        await server.stop(None)
+        await upstream.close()
+
+
+def render_reservation(key: str) -> ReserveRequest:
+    return ReserveRequest(
+        idempotency_key=key,
+        user_id="roll",
+        project_id="p",
+        mode=RenderMode.LOCAL,
+        format=OutputFormat.MP4,
+        composition=Composition(width=320, height=240, fps=10, duration_seconds=1.0),
+    )
+
+
+@pytest.mark.parametrize("fault", ["cancel", "lose"])
+async def test_a_reservation_refused_by_a_stopping_replica_is_tried_once_more_and_recorded_once(
+    metering_target: str, database_url: str, fault: str
+) -> None:
+    """A rolling update of metering must not fail users' exports: the renderer tries a reservation refused
+    UNAVAILABLE or CANCELLED once more. If the first had reserved and only its answer was lost, the second
+    replays the same export: one export in the ledger, counted once."""
+    async with faulty_front(metering_target, [fault]) as (front, met):
+        client = GrpcMeteringClient(front)
+        try:
+            reservation = await client.reserve(render_reservation("roll-1"))
+        finally:
+            await client.close()
+    ledger = await ledger_by_key(database_url)
+    assert met == [fault, ""]
+    assert set(ledger) == {"roll-1"} and str(ledger["roll-1"]["export_id"]) == reservation.export_id
+    async with metering_stub(metering_target) as stub:
+        usage = await stub.GetUsage(metering_pb2.GetUsageRequest(user_id="roll"))
+    assert usage.usage.used == 1
+
+
+async def test_a_reservation_refused_twice_reaches_the_caller_as_metering_unavailable(
+    metering_target: str, database_url: str
+) -> None:
+    async with faulty_front(metering_target, ["cancel", "cancel", "cancel"]) as (front, met):
+        client = GrpcMeteringClient(front)
+        try:
+            with pytest.raises(MeteringUnavailable):
+                await client.reserve(render_reservation("roll-2"))
+        finally:
+            await client.close()
+    assert met == ["cancel", "cancel"]  # one more try, not a retry loop
+    assert await ledger_by_key(database_url) == {}
 
 
 async def test_a_stuck_lock_on_one_users_day_stalls_only_that_users_reservations(
