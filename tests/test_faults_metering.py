@@ -184,46 +184,6 @@ async def test_two_replicas_one_killed_under_load_admit_no_more_than_the_limit_a
     assert first.errors_logged() == [] and second.errors_logged() == []
 
 
-async def test_a_call_cancelled_by_a_stopping_metering_reaches_the_renderers_caller_as_unavailable(
-    tmp_path: Path,
-) -> None:
-    """What the SIGTERM test above sees now and then: a call that reached metering as it stopped comes
-    back CANCELLED (grpc/grpc#41785). The renderer must not pass that on as if its caller had cancelled."""
-
-    async def stopping(request: metering_pb2.CheckAndReserveRequest, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
-
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "exportapi.metering.v1.Metering",
-                {
-                    "CheckAndReserve": grpc.unary_unary_rpc_method_handler(
-                        stopping,
-                        request_deserializer=metering_pb2.CheckAndReserveRequest.FromString,
-                        response_serializer=metering_pb2.CheckAndReserveResponse.SerializeToString,
-                    )
-                },
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with start_renderer(f"127.0.0.1:{port}", tmp_path) as running, renderer_stub(running.target) as stub:
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.StartRender(
-                    renderer_pb2.StartRenderRequest(
-                        idempotency_key="k", user_id="u", project_id="p", composition=tiny_composition(), format="mp4"
-                    )
-                )
-    finally:
-        await server.stop(None)
-    assert refused.value.code() == UNAVAILABLE
-    assert not (tmp_path / "renders").exists() or not any((tmp_path / "renders").iterdir())
-
-
 @contextlib.asynccontextmanager
 async def faulty_front(metering_target: str, faults: list[str]) -> AsyncIterator[tuple[str, list[str]]]:
     """A gRPC server in front of a real metering whose CheckAndReserve calls take the next of `faults` first:
@@ -272,6 +232,26 @@ async def faulty_front(metering_target: str, faults: list[str]) -> AsyncIterator
     finally:
         await server.stop(None)
         await upstream.close()
+
+
+async def test_a_call_cancelled_by_a_stopping_metering_reaches_the_renderers_caller_as_unavailable(
+    tmp_path: Path,
+) -> None:
+    """What the SIGTERM test above sees now and then: a call that reached metering as it stopped comes
+    back CANCELLED (grpc/grpc#41785). The renderer must not pass that on as if its caller had cancelled."""
+
+    # Every try is cancelled: the front never passes a call on, so its upstream is never dialled.
+    async with faulty_front("127.0.0.1:1", ["cancel", "cancel"]) as (front, met):
+        async with start_renderer(front, tmp_path) as running, renderer_stub(running.target) as stub:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.StartRender(
+                    renderer_pb2.StartRenderRequest(
+                        idempotency_key="k", user_id="u", project_id="p", composition=tiny_composition(), format="mp4"
+                    )
+                )
+    assert met == ["cancel", "cancel"]  # tried once more, then given up
+    assert refused.value.code() == UNAVAILABLE
+    assert not (tmp_path / "renders").exists() or not any((tmp_path / "renders").iterdir())
 
 
 def render_reservation(key: str) -> ReserveRequest:
