@@ -56,6 +56,7 @@ class GrpcMeteringClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout_seconds
         self._token = token
+        self._calls_taken = False  # whether metering took this renderer's calls since it last was unhealthy
 
     async def close(self) -> None:
         await self._channel.close()
@@ -148,8 +149,17 @@ class GrpcMeteringClient:
         return answer.lease_expires_at.ToDatetime(tzinfo=UTC)
 
     async def unhealthy_because(self) -> str | None:
-        """None when metering is SERVING and takes this renderer's credentials (they are sent with the check,
-        and metering refuses wrong ones even there), else why not."""
+        """None when metering is SERVING and takes this renderer's calls, else why not. Its credentials are sent
+        with the health check (metering refuses wrong ones even there); whether its role may call metering's
+        renderer methods is checked once per stretch of health (a token of another role, such as backend's,
+        is a valid token all the same)."""
+        reason = await self._health_refused()
+        if reason is None and not self._calls_taken:
+            reason = await self._calls_refused()
+        self._calls_taken = reason is None
+        return reason
+
+    async def _health_refused(self) -> str | None:
         try:
             answer = await self._health.Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=self._timeout, metadata=self._metadata()
@@ -160,4 +170,25 @@ class GrpcMeteringClient:
             return f"metering did not answer its health check ({error.code().name}: {error.details()})"
         if answer.status != health_pb2.HealthCheckResponse.SERVING:
             return f"metering is {health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)}"
+        return None
+
+    async def _calls_refused(self) -> str | None:
+        # An ExtendReservation without an export id: metering refuses it before reading it when the caller may
+        # not extend (the rule of all three renderer methods), and answers INVALID_ARGUMENT after, touching nothing.
+        try:
+            await self._stub.ExtendReservation(
+                metering_pb2.ExtendReservationRequest(), timeout=self._timeout, metadata=self._metadata()
+            )
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                return None
+            if code == grpc.StatusCode.PERMISSION_DENIED:
+                return (
+                    f"metering refuses this renderer's calls ({code.name}: {error.details()}): "
+                    "METERING_TOKEN must be a token of the renderer role"
+                )
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                return f"metering refused this renderer's credentials ({code.name}): check METERING_TOKEN"
+            return f"metering did not answer ({code.name}: {error.details()})"
         return None

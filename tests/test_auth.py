@@ -381,13 +381,23 @@ async def test_credentials_sent_to_health_must_be_valid(database_url: str, tmp_p
             assert await health_with(target, WRONG_TOKEN) == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_a_renderer_with_a_wrong_metering_token_is_not_serving_and_says_why(
-    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("token", "said"),
+    [
+        (WRONG_TOKEN, ("UNAUTHENTICATED", "check METERING_TOKEN")),
+        # a valid token, of another role
+        (BACKEND_TOKEN, ("PERMISSION_DENIED", "METERING_TOKEN must be a token of the renderer role")),
+        ("", ("UNAUTHENTICATED", "check METERING_TOKEN")),  # none, where metering asks for one
+    ],
+    ids=["wrong-token", "backend-role", "no-token"],
+)
+async def test_a_renderer_whose_metering_token_cannot_reserve_is_not_serving_and_says_why(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, token: str, said: tuple[str, str]
 ) -> None:
     caplog.set_level(logging.INFO)
     async with metering_with_auth(database_url) as metering_target:
         async with start_renderer(
-            metering_target, tmp_path / "wrong", METERING_TOKEN=WRONG_TOKEN, RENDERER_AUTH_TOKENS=RENDERER_TOKENS
+            metering_target, tmp_path / "wrong", METERING_TOKEN=token, RENDERER_AUTH_TOKENS=RENDERER_TOKENS
         ) as running:
             await wait_health(running.target, health_pb2.HealthCheckResponse.NOT_SERVING)
         async with start_renderer(
@@ -395,7 +405,7 @@ async def test_a_renderer_with_a_wrong_metering_token_is_not_serving_and_says_wh
         ) as running:
             await wait_health(running.target, health_pb2.HealthCheckResponse.SERVING)
     (warning,) = {record.reason for record in caplog.records if record.getMessage() == "metering unusable: NOT_SERVING"}  # type: ignore[attr-defined]
-    assert "METERING_TOKEN" in warning and "UNAUTHENTICATED" in warning
+    assert all(words in warning for words in said)
     assert_no_token_in(logged_text(caplog))
 
 
