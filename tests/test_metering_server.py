@@ -4,6 +4,7 @@ SIGTERM drain, structured logs, the embedded PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -166,6 +167,8 @@ async def accepts_connections(host: str, port: int) -> bool:
     except OSError:
         return False
     writer.close()
+    with contextlib.suppress(OSError):  # a server that is closing may reset it
+        await writer.wait_closed()
     return True
 
 
