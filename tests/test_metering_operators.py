@@ -37,6 +37,7 @@ from exportapi.metering.v1 import metering_pb2 as pb
 from metering import cli, metrics, stats
 from metering.tiers import Tier, TierTable
 from tests.support.metering import FakeClock, metering_stub, reserve_request, start_metering
+from tests.support.postgres import run_sql
 
 TODAY = date(2032, 6, 15)
 YESTERDAY = TODAY - timedelta(days=1)
@@ -76,11 +77,7 @@ async def ledger(database_url: str, tmp_path: Path) -> AsyncIterator[Ledger]:
     port = free_port()
     clock = FakeClock(at(YESTERDAY, 10))
     env = {"METERING_TIERS_FILE": str(tiers_file), "METERING_METRICS_LISTEN": f"127.0.0.1:{port}"}
-    connection = await asyncpg.connect(database_url)
-    try:
-        await connection.execute("INSERT INTO accounts VALUES ('ivy', 'gold', now(), now())")
-    finally:
-        await connection.close()
+    await run_sql(database_url, "INSERT INTO accounts VALUES ('ivy', 'gold', now(), now())")
     async with start_metering(database_url, env=env, clock=clock) as metering, metering_stub(metering.target) as stub:
         made = 0
 

@@ -21,6 +21,7 @@ from tests.support.metering import (
     start_metering_subprocess,
     status_details,
 )
+from tests.support.postgres import run_sql
 
 
 def next_utc_midnight(now: datetime) -> datetime:
@@ -255,13 +256,12 @@ async def test_a_day_row_gone_from_under_a_replica_is_made_again(database_url: s
     all (a database restored from a backup, say), the reservation creates them and counts as ever."""
     async with start_metering(database_url) as metering, metering_stub(metering.target) as stub:
         await stub.CheckAndReserve(reserve_request("first", user="restored", project="film"))
-        connection = await asyncpg.connect(database_url)
-        try:
-            await connection.execute("DELETE FROM daily_usage WHERE user_id = 'restored'")
-            await connection.execute("DELETE FROM project_daily_usage WHERE project_id = 'film'")
-            await connection.execute("DELETE FROM export_counters WHERE id IN ('restored', 'film')")
-        finally:
-            await connection.close()
+        await run_sql(
+            database_url,
+            "DELETE FROM daily_usage WHERE user_id = 'restored'",
+            "DELETE FROM project_daily_usage WHERE project_id = 'film'",
+            "DELETE FROM export_counters WHERE id IN ('restored', 'film')",
+        )
         answer = await stub.CheckAndReserve(reserve_request("second", user="restored", project="film"))
     assert answer.export_id
     assert answer.usage.used == 1  # the day row was made again from nothing: only this reservation is on it

@@ -16,6 +16,7 @@ import pytest
 from exportapi.metering.v1 import metering_pb2 as pb
 from tests.support.faults import ledger_violations
 from tests.support.metering import FakeClock, metering_stub, reserve_request, run_maintenance_cli, start_metering
+from tests.support.postgres import run_sql
 
 SUMMARIES = {
     "system_rollups": """SELECT day, format, render_mode, exports, reserved, completed, failed, cancelled,
@@ -201,13 +202,12 @@ async def test_the_cli_rebuilds_summaries_that_went_wrong(database_url: str, mon
         for n in range(4):
             await stub.CheckAndReserve(reserve_request(f"cli-{n}", user=f"cli-{n % 2}", project=f"cli-p{n}"))
         before = await stub.GetStats(pb.GetStatsRequest(days=2))
-        connection = await asyncpg.connect(database_url)
-        try:
-            await connection.execute("SELECT compact_export_summaries()")
-            await connection.execute("DELETE FROM export_counters WHERE kind = 'user'")
-            await connection.execute("UPDATE system_rollups SET exports = exports + 100")
-        finally:
-            await connection.close()
+        await run_sql(
+            database_url,
+            "SELECT compact_export_summaries()",
+            "DELETE FROM export_counters WHERE kind = 'user'",
+            "UPDATE system_rollups SET exports = exports + 100",
+        )
         assert await ledger_violations(database_url), "the damage went unnoticed"
 
         env = {"DATABASE_URL": database_url}

@@ -116,3 +116,13 @@ async def drop_database(admin: str, dsn_or_name: str) -> None:
         await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await connection.close()
+
+
+async def run_sql(dsn: str, *statements: str) -> None:
+    """Runs each statement on one connection of its own, as an operator's session (or a fault) would."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
