@@ -70,11 +70,14 @@ class GrpcMeteringClient:
             metadata.append((REQUEST_ID_HEADER, current))
         return tuple(metadata)
 
-    async def _call(self, method, request):  # type: ignore[no-untyped-def]
+    async def _call(self, method, request, *, once_more_if_stopping: bool = False):  # type: ignore[no-untyped-def]
         try:
             return await method(request, timeout=self._timeout, metadata=self._metadata())
         except grpc.aio.AioRpcError as error:
             code = error.code()
+            if once_more_if_stopping and code in _RETRY_RESERVE_ON:
+                await asyncio.sleep(RESERVE_RETRY_DELAY_SECONDS)
+                return await self._call(method, request)
             # CANCELLED too: this client cancels nothing, but a metering server that is stopping cancels the
             # calls it received and had not started yet (grpc/grpc#41785); to the caller it is unavailable.
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
@@ -93,23 +96,19 @@ class GrpcMeteringClient:
 
     async def reserve(self, request: ReserveRequest) -> Reservation:
         composition = request.composition
-        message = metering_pb2.CheckAndReserveRequest(
-            idempotency_key=request.idempotency_key,
-            user_id=request.user_id,
-            project_id=request.project_id,
-            render_mode=_MODES[request.mode],
-            format=request.format.value,
-            duration_seconds=composition.duration_seconds,
-            resolution=composition.resolution,
+        answer = await self._call(
+            self._stub.CheckAndReserve,
+            metering_pb2.CheckAndReserveRequest(
+                idempotency_key=request.idempotency_key,
+                user_id=request.user_id,
+                project_id=request.project_id,
+                render_mode=_MODES[request.mode],
+                format=request.format.value,
+                duration_seconds=composition.duration_seconds,
+                resolution=composition.resolution,
+            ),
+            once_more_if_stopping=True,
         )
-        try:
-            answer = await self._call(self._stub.CheckAndReserve, message)
-        except MeteringUnavailable as error:
-            cause = error.__cause__
-            if not (isinstance(cause, grpc.aio.AioRpcError) and cause.code() in _RETRY_RESERVE_ON):
-                raise
-            await asyncio.sleep(RESERVE_RETRY_DELAY_SECONDS)
-            answer = await self._call(self._stub.CheckAndReserve, message)
         if answer.replayed and answer.export.status != metering_pb2.EXPORT_STATUS_RESERVED:
             export = answer.export
             raise ExportAlreadyClosed(
