@@ -47,9 +47,10 @@ INSERT INTO project_daily_usage (project_id, day, used) VALUES ($3, $2, 0) ON CO
 -- name: reserve
 -- A whole reservation in one statement, its own transaction: lock the user's day row, then the project's,
 -- then their running counters, gate on the tier's limits, record the RESERVED export and count it (the day's
--- usage, the project's, the running counters, the project row, the rollup, a system rollup delta). Every reservation of one user on one day queues on the first lock, on every
--- replica, and reads the counts as they are once it has the lock. The gate applies the same comparisons
--- as QuotaPolicy.check, which still decides every refusal from the counts returned here.
+-- usage, the project's, the running counters, the project row, the rollup, a system rollup delta). Every
+-- reservation of one user on one day queues on the first lock, on every replica, and reads the counts as they
+-- are once it has the lock. The gate applies the same comparisons as QuotaPolicy.check, which still decides
+-- every refusal from the counts returned here.
 -- Returns one row: new_day = 1 when a day row or a running counter is missing (run ensure_usage_rows, then
 -- this again); late = 1 when the user's or project's counter has moved on to a later day (this day ended
 -- while the call waited: reserve it with lock_reserve_many and reserve_many, whose second statement sees the
@@ -612,9 +613,9 @@ LEFT JOIN daily_usage d ON d.user_id = u.user_id AND d.day = $2;
 -- Users near their daily limit on day $1: today's users come from the export counters (or, narrowed to a
 -- project, from its rollup rows of the day; every export adds to its user's daily_usage row, its counter and
 -- its rollup row of the same day), their count from daily_usage, their tier from accounts. $2 user or NULL;
--- $3 project or NULL (users who exported in it that day). The tier table comes as parallel arrays: $4 names, $5 daily limits (NULL: none), $6 the
--- count from which a user of that tier is near the limit; $7 the tier of a user without an account or on a
--- tier no longer configured; $8 how many users to list.
+-- $3 project or NULL (users who exported in it that day). The tier table comes as parallel arrays: $4 names,
+-- $5 daily limits (NULL: none), $6 the count from which a user of that tier is near the limit; $7 the tier of
+-- a user without an account or on a tier no longer configured; $8 how many users to list.
 -- Rows: the $8 most used users (tier_count NULL), then one row per tier with its number of such users
 -- (user_id NULL).
 WITH tiers AS (
