@@ -30,6 +30,10 @@ class LambdaSettings:
     s3_endpoint_url: str | None
 
 
+# After the renders of a drain have ended: time for WatchRender streams to send the final state, and for calls
+# under way to be answered, before gRPC stops.
+FINAL_ANSWERS_SECONDS = 2.0
+
 @dataclass(frozen=True, slots=True)
 class RendererConfig:
     listen: str
@@ -41,6 +45,7 @@ class RendererConfig:
     asset_roots: tuple[Path, ...]
     source_buckets: frozenset[str]  # buckets s3:// sources may come from (RENDER_SOURCE_BUCKETS)
     stall_seconds: float  # stop an ffmpeg that shows no sign of life this long (RENDER_STALL_SECONDS)
+    shutdown_grace_seconds: float  # after SIGTERM, renders under way get this long to finish
     output_retention_hours: float  # finished local renders older than this are removed; 0: kept
     metering_timeout_seconds: float
     metering_token: str | None = field(repr=False)  # a secret: kept out of repr and logs
@@ -49,6 +54,12 @@ class RendererConfig:
     auth: TokenTable | None = None  # RENDERER_AUTH_TOKENS; None: no authentication, loopback only
     tls: ServerTls | None = None  # RENDERER_TLS_*; None: plaintext
     metering_tls: ClientTls | None = None  # METERING_TLS_*: how to reach metering; None: plaintext
+
+    @property
+    def drain_seconds(self) -> float:
+        """The longest a renderer takes to exit after SIGTERM: the renders' grace, then their completions (one
+        metering call each, at once; the outbox keeps what is not acknowledged), then its last answers."""
+        return self.shutdown_grace_seconds + self.metering_timeout_seconds + FINAL_ANSWERS_SECONDS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RendererConfig:
@@ -91,6 +102,7 @@ class RendererConfig:
             asset_roots=roots,
             source_buckets=parse_buckets(env.get("RENDER_SOURCE_BUCKETS")),
             stall_seconds=_float(env, "RENDER_STALL_SECONDS", 60.0, minimum=1.0),
+            shutdown_grace_seconds=_float(env, "RENDER_SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0),
             output_retention_hours=_float(env, "RENDER_OUTPUT_RETENTION_HOURS", 0.0, minimum=0.0),
             metering_timeout_seconds=_float(env, "METERING_TIMEOUT_SECONDS", 5.0, minimum=0.1),
             metering_token=_metering_token(env),

@@ -74,6 +74,10 @@ class BackendUnavailable(Exception):
     """The request asks for a backend this renderer is not configured for."""
 
 
+class Draining(Exception):
+    """The renderer is shutting down: it finishes its renders but starts no new one."""
+
+
 @dataclass(frozen=True, slots=True)
 class RenderRequest:
     idempotency_key: str
@@ -167,6 +171,7 @@ class JobRunner:
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._by_key: dict[tuple[str, str], asyncio.Future[str]] = {}
         self._closing_tasks: set[asyncio.Task[Any]] = set()  # completions on their way, awaited by shutdown
+        self._draining = False
 
     # --- the public operations -------------------------------------------------------------------------
 
@@ -190,6 +195,8 @@ class JobRunner:
                     f"idempotency_key {request.idempotency_key!r} was used for a different render"
                 )
             return entry.job
+        if self._draining:  # after the replay above: a caller that retries a render it started gets its job
+            raise Draining("this renderer is shutting down and starts no new render; start it on another renderer")
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._by_key[key] = future
         try:
@@ -238,10 +245,18 @@ class JobRunner:
         return entry.job
 
     async def shutdown(self, grace_seconds: float) -> None:
-        """Let running renders finish within the grace period, cancel the rest, flush their completions."""
+        """Start no new render; let running and queued renders finish within the grace period, cancel the
+        rest, flush their completions. Jobs stay readable (get, watch, cancel) meanwhile and after."""
+        self._draining = True
+        deadline = asyncio.get_running_loop().time() + grace_seconds
+        # Starts already reserving go on (each within the metering timeout): their jobs are drained like the rest.
+        starting = [future for future in self._by_key.values() if not future.done()]
+        if starting:
+            await asyncio.wait(starting, timeout=grace_seconds)
         running = [e.task for e in self._entries.values() if e.task is not None and not e.task.done()]
         if running:
-            _, still_running = await asyncio.wait(running, timeout=grace_seconds)
+            remaining = max(deadline - asyncio.get_running_loop().time(), 0)
+            _, still_running = await asyncio.wait(running, timeout=remaining)
             for task in still_running:
                 task.cancel()
             await asyncio.gather(*still_running, return_exceptions=True)

@@ -17,7 +17,13 @@ from exportapi.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from metering.auth import RENDERER_ACCESS, AuthInterceptor
 from metering.decoding import RefuseUndecodable
 from renderer import metrics, retention
-from renderer.config import ConfigError, RendererConfig, is_loopback, require_auth_beyond_loopback
+from renderer.config import (
+    FINAL_ANSWERS_SECONDS,
+    ConfigError,
+    RendererConfig,
+    is_loopback,
+    require_auth_beyond_loopback,
+)
 from renderer.domain import RenderBackend, RenderMode
 from renderer.jobs import Job, JobRunner, JobState
 from renderer.local_backend import LocalBackend
@@ -38,6 +44,7 @@ class RunningRenderer:
     runner: JobRunner
     outbox: Outbox
     metering: GrpcMeteringClient
+    health_servicer: health.aio.HealthServicer
     health_task: asyncio.Task[None]
     stop_metrics: Callable[[], None] | None = None
     retention_task: asyncio.Task[None] | None = None
@@ -46,15 +53,18 @@ class RunningRenderer:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    async def stop(self, grace_seconds: float = 10.0) -> None:
-        """Refuse new calls, let in-flight renders finish within the grace period, flush completions."""
+    async def stop(self, grace_seconds: float) -> None:
+        """Drain: NOT_SERVING and no new render at once (StartRender: UNAVAILABLE); the renders under way finish
+        within the grace period while their callers can still watch, read and cancel them; then gRPC stops,
+        leaving the last answers `FINAL_ANSWERS_SECONDS` to go out, and the completions are flushed."""
         self.health_task.cancel()
         if self.retention_task is not None:
             self.retention_task.cancel()
-        await self.server.stop(grace_seconds)
-        await self.runner.shutdown(grace_seconds)
         with contextlib.suppress(asyncio.CancelledError):
             await self.health_task
+        await self.health_servicer.enter_graceful_shutdown()  # load balancers send new work elsewhere
+        await self.runner.shutdown(grace_seconds)
+        await self.server.stop(FINAL_ANSWERS_SECONDS)
         if self.retention_task is not None:
             await asyncio.gather(self.retention_task, return_exceptions=True)
         if self.stop_metrics is not None:
@@ -156,7 +166,9 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
             "metering_tls": config.metering_tls is not None,
         },
     )
-    return RunningRenderer(server, port, runner, outbox, metering, health_task, stop_metrics, retention_task)
+    return RunningRenderer(
+        server, port, runner, outbox, metering, health_servicer, health_task, stop_metrics, retention_task
+    )
 
 
 def _record_transition(job: Job, previous: JobState | None) -> None:
@@ -202,5 +214,8 @@ async def serve_forever(config: RendererConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(f"renderer listening on {config.listen.rpartition(':')[0]}:{running.port}", flush=True)
     await stop.wait()
-    log.info("renderer stopping: draining in-flight renders")
-    await running.stop()
+    log.info(
+        "renderer stopping: draining in-flight renders",
+        extra={"grace_seconds": config.shutdown_grace_seconds},
+    )
+    await running.stop(config.shutdown_grace_seconds)

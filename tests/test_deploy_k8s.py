@@ -4,7 +4,6 @@ the tiers file where METERING_TIERS_FILE says, selectors that select, and drain 
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import shutil
@@ -81,19 +80,6 @@ def port_of(listen: str) -> int:
 def names_read_by(service: str) -> set[str]:
     source = (REPO / service / "config.py").read_text()
     return set(_ENV_READ.findall(source)) | {name for name, readers in CONTRACT_ENV.items() if service in readers}
-
-
-def default_stop_grace(path: Path, cls: str, method: str, parameter: str) -> float:
-    """The default of a keyword in the code's own stop(), read without importing the module."""
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ClassDef) and node.name == cls:
-            for item in node.body:
-                if isinstance(item, ast.AsyncFunctionDef | ast.FunctionDef) and item.name == method:
-                    arguments = item.args.args[-len(item.args.defaults) :] if item.args.defaults else []
-                    for argument, default in zip(arguments, item.args.defaults, strict=True):
-                        if argument.arg == parameter:
-                            return float(ast.literal_eval(default))
-    raise AssertionError(f"{path.name}: {cls}.{method}({parameter}=...) not found; update this test")
 
 
 WORKLOADS = [
@@ -240,11 +226,13 @@ def test_drain_fits_in_the_termination_grace_period() -> None:
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= (
         pre_stop + metering_grace + pool_close
     )
-    # The renderer drains RPCs, then running renders, each for the same grace.
-    renderer_grace = default_stop_grace(REPO / "renderer" / "server.py", "RunningRenderer", "stop", "grace_seconds")
     daemonset = find("DaemonSet", "renderer")
+    renderer_env = {name: item["value"] for name, item in env_of(container(daemonset, "renderer")).items()
+                    if "value" in item and name.startswith(("RENDER_SHUTDOWN", "METERING_TIMEOUT"))}
     pre_stop = container(daemonset, "renderer")["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= pre_stop + 2 * renderer_grace
+    assert daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= (
+        pre_stop + RendererConfig.from_env(renderer_env).drain_seconds
+    )
 
 
 # --- resources sized from the measurements -----------------------------------------------------------------

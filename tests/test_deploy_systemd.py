@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from metering.config import Config as MeteringConfig
-from tests.test_deploy_k8s import default_stop_grace, names_read_by
+from renderer.config import RendererConfig
+from tests.test_deploy_k8s import names_read_by
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = REPO / "deploy" / "systemd"
@@ -69,7 +70,7 @@ def seconds(text: str) -> float:
 def drain_seconds(service: str) -> float:
     if service == "metering":
         return MeteringConfig.from_env({}).shutdown_grace_seconds + 5  # + closing the database pool
-    return 2 * default_stop_grace(REPO / "renderer" / "server.py", "RunningRenderer", "stop", "grace_seconds")
+    return RendererConfig.from_env({}).drain_seconds
 
 
 @pytest.mark.parametrize("service", SERVICES)

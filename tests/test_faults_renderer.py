@@ -3,12 +3,15 @@ a render runs and the renderer restarted before metering returns. Each test ends
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
+import grpc
 import psutil
 import pytest
 
@@ -140,3 +143,42 @@ async def test_a_completion_survives_metering_killed_mid_render_and_a_renderer_r
     assert row["output_uri"] == finished.output_uri
     assert abs(row["duration_seconds"] - 60) < 0.5
     await wait_health(renderer.target, SERVING)
+
+
+async def test_a_renderer_sent_sigterm_finishes_its_render_while_its_caller_can_still_follow_it(
+    database_url: str, tmp_path: Path, processes: ProcessRegistry
+) -> None:
+    # Two minutes at 20 fps: seconds of work, so the checks below happen while it renders, well within the grace.
+    long_render = render_request("before-sigterm", "dana", seconds=120)
+    long_render.composition.fps = 20
+    async with start_metering(database_url) as metering:
+        renderer = RendererProcess(processes, metering.target, tmp_path, env={"RENDER_SHUTDOWN_GRACE_SECONDS": "60"})
+        await renderer.start()
+        await set_tiers(metering.target, {"dana": "pro"})
+        async with renderer_stub(renderer.target) as stub, metering_stub(metering.target) as ledger:
+            job = await stub.StartRender(long_render)
+            await wait_rendering(stub, job.job_id)
+            watched = asyncio.create_task(wait_terminal(stub, job.job_id))  # a caller following its render
+            renderer.process.send_signal(signal.SIGTERM)
+            await wait_health(renderer.target, NOT_SERVING, timeout=5)  # load balancers stop sending work here
+
+            # Draining: nothing new starts (and nothing is reserved for it), the render under way stays readable,
+            # and a caller retrying the start of its own render gets its job back.
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.StartRender(render_request("during-drain", "dana", seconds=1))
+            during = await stub.GetRender(renderer_pb2.GetRenderRequest(job_id=job.job_id))
+            replayed = await stub.StartRender(long_render)
+            finished = await watched
+            exit_code = await renderer.wait_exit(timeout=30)
+            exports = (await ledger.ListExports(metering_pb2.ListExportsRequest(user_id="dana"))).exports
+
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in refused.value.details() and "nothing was reserved" in refused.value.details()
+    assert during.state == Job.RENDERING and during.frames_rendered < during.frames_total
+    assert replayed.job_id == job.job_id
+    assert finished.state == Job.SUCCEEDED and finished.frames_rendered == finished.frames_total
+    assert exit_code == 0
+    assert [(e.idempotency_key, e.status) for e in exports] == [
+        ("before-sigterm", metering_pb2.EXPORT_STATUS_COMPLETED)
+    ]
+    assert exports[0].file_size_bytes == finished.file_size_bytes > 0

@@ -8,6 +8,7 @@ backend refuses anything that is not a `RenderAssignment`.
 from __future__ import annotations
 
 import ast
+import asyncio
 import dataclasses
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 
 from exportapi.metering.v1 import metering_pb2
 from renderer.domain import Composition, OutputFormat, RenderMode
-from renderer.jobs import JobRunner, JobState, RenderRequest
+from renderer.jobs import Draining, JobRunner, JobState, RenderRequest
 from renderer.lambda_backend import LambdaBackend, LambdaBackendConfig
 from renderer.local_backend import LocalBackend
 from renderer.metering_client import GrpcMeteringClient
@@ -105,3 +106,38 @@ async def test_a_job_cancelled_before_its_task_first_runs_still_closes_its_expor
     async with metering_stub(metering_target) as stub:
         answer = await stub.ListExports(metering_pb2.ListExportsRequest(user_id="eve"))
     assert [export.status for export in answer.exports] == [metering_pb2.EXPORT_STATUS_CANCELLED]
+
+
+async def test_a_shutdown_renders_and_closes_a_start_that_was_reserving_and_starts_nothing_new(
+    metering_target: str, tmp_path: Path
+) -> None:
+    """A StartRender whose reservation is on its way when the drain begins has an export in the ledger: its
+    render is drained like the others (not dropped with the export left RESERVED); a later one is refused."""
+    client = GrpcMeteringClient(metering_target, timeout_seconds=5.0)
+    outbox = Outbox(tmp_path / "state" / "outbox.sqlite3", client.complete)
+    outbox.start()
+    runner = JobRunner(client, outbox, {RenderMode.LOCAL: LocalBackend(tmp_path / "renders")})
+    composition = Composition(width=64, height=64, fps=5.0, duration_seconds=1.0, background="black")
+
+    def request(key: str) -> RenderRequest:
+        return RenderRequest(idempotency_key=key, user_id="ivy", project_id="p", composition=composition,
+                             format=OutputFormat.MP4)
+
+    try:
+        starting = asyncio.create_task(runner.start(request("reserving")))
+        await asyncio.sleep(0)  # the start is now waiting for metering's answer
+        assert not starting.done()
+        await runner.shutdown(30)
+        assert starting.done(), "the drain ended before the start it found under way"
+        job = runner.get(starting.result().job_id)
+        with pytest.raises(Draining):
+            await runner.start(request("too-late"))
+    finally:
+        await outbox.close()
+        await client.close()
+    assert job.state is JobState.SUCCEEDED
+    async with metering_stub(metering_target) as stub:
+        answer = await stub.ListExports(metering_pb2.ListExportsRequest(user_id="ivy"))
+    assert [(e.idempotency_key, e.status) for e in answer.exports] == [
+        ("reserving", metering_pb2.EXPORT_STATUS_COMPLETED)
+    ]
