@@ -1,5 +1,6 @@
 """The gRPC half of both services' Prometheus metrics: the RPC counter and histogram, a grpc.aio server
-interceptor that records them with the real final status code, and the `/metrics` HTTP endpoint.
+interceptor that records them with the real final status code, and the HTTP endpoint: `/metrics`, and
+`/healthz` for probes that cannot speak gRPC over TLS (Kubernetes' gRPC probes are plaintext only).
 
 Each service keeps its own registry and metric objects (`metering.metrics`, `renderer.metrics`) and builds them
 with `rpc_metrics(registry)`; only the mechanics live here, once.
@@ -9,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 
 # Same names and labels as go-grpc-prometheus, so stock dashboards work. 1 ms .. 10 s: every unary call of both
 # services is short; WatchRender streams for a whole render and lands in +Inf (render time has its own).
@@ -42,11 +47,45 @@ def rpc_metrics(registry: CollectorRegistry) -> tuple[Counter, Histogram]:
     return handled, seconds
 
 
-def start_http(listen: str, registry: CollectorRegistry) -> tuple[int, Callable[[], None]]:
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape every few seconds is no news
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a stuck scraper must not hold up the process's exit
+
+
+def health_app(metrics_app: Callable[..., Any], serving: Callable[[], bool]) -> Callable[..., Any]:
+    """`/healthz`: 200 `SERVING` or 503 `NOT_SERVING`, as the gRPC health check would answer; the rest: metrics."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") != "/healthz":
+            return metrics_app(environ, start_response)
+        ok = serving()
+        start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+        return [b"SERVING\n" if ok else b"NOT_SERVING\n"]
+
+    return app
+
+
+def start_http(
+    listen: str, registry: CollectorRegistry, *, serving: Callable[[], bool] | None = None
+) -> tuple[int, Callable[[], None]]:
+    """Serves `registry` (and `/healthz` from `serving`, called from the HTTP thread: it must only read state)
+    from a daemon thread; returns the bound port and a function that stops the server."""
     host, sep, port_text = listen.rpartition(":")
     if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
         raise ValueError(f"metrics listen address must be host:port, not {listen!r}")
-    httpd, thread = start_http_server(int(port_text), addr=host.strip("[]"), registry=registry)
+    host = host.strip("[]")
+    family = socket.getaddrinfo(host, int(port_text), type=socket.SOCK_STREAM)[0][0]
+    server_class = type("MetricsServer", (_ThreadingServer,), {"address_family": family})
+    app = make_wsgi_app(registry)
+    if serving is not None:
+        app = health_app(app, serving)
+    httpd = make_server(host, int(port_text), app, server_class, handler_class=_QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
 
     def stop() -> None:
         httpd.shutdown()

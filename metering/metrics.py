@@ -166,13 +166,16 @@ def sample_value(name: str, labels: dict[str, str] | None = None) -> float:
 # --- the /metrics endpoint ------------------------------------------------------------------------------------
 
 
-def start_metrics_server(listen: str) -> tuple[int, Callable[[], None]]:
-    """Serve this module's registry at http://listen/metrics (any path, in fact) from a daemon thread.
+def start_metrics_server(
+    listen: str, *, serving: Callable[[], bool] | None = None
+) -> tuple[int, Callable[[], None]]:
+    """Serve this module's registry at http://listen/metrics (any path, in fact) from a daemon thread, and
+    http://listen/healthz from `serving` (200 SERVING, else 503 NOT_SERVING).
 
     `listen` is host:port ("[::1]:9090" for IPv6); port 0 picks a free port. Returns the bound port and a
     function that stops the server and waits for its thread.
     """
-    return grpc_metrics.start_http(listen, REGISTRY)
+    return grpc_metrics.start_http(listen, REGISTRY, serving=serving)
 
 
 class MetricsInterceptor(grpc_metrics.MetricsInterceptor):

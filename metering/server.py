@@ -46,6 +46,7 @@ class MeteringServer:
         self._health = HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
         self._serving: bool | None = None
+        self._stopping = False
         self.port = 0
         self.metrics_port = 0
         self._stop_metrics: Callable[[], None] | None = None
@@ -78,7 +79,9 @@ class MeteringServer:
             )
             metrics.initialize_tiers(config.tiers)
             if config.metrics_listen:
-                self.metrics_port, self._stop_metrics = metrics.start_metrics_server(config.metrics_listen)
+                self.metrics_port, self._stop_metrics = metrics.start_metrics_server(
+                    config.metrics_listen, serving=lambda: self._serving is True and not self._stopping
+                )
             await self._start_grpc()
         except BaseException:
             await self._close_pool()
@@ -234,6 +237,7 @@ class MeteringServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight calls finish for up to `grace` seconds, then closes."""
+        self._stopping = True
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)

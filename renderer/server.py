@@ -38,6 +38,13 @@ HEALTH_PROBE_SECONDS = 2.0
 
 
 @dataclass
+class Serving:
+    """What the health check answers now; /healthz reads it from the metrics thread."""
+
+    now: bool = False
+
+
+@dataclass
 class RunningRenderer:
     server: grpc.aio.Server
     port: int
@@ -45,6 +52,7 @@ class RunningRenderer:
     outbox: Outbox
     metering: GrpcMeteringClient
     health_servicer: health.aio.HealthServicer
+    serving: Serving
     health_task: asyncio.Task[None]
     stop_metrics: Callable[[], None] | None = None
     retention_task: asyncio.Task[None] | None = None
@@ -62,6 +70,7 @@ class RunningRenderer:
             self.retention_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.health_task
+        self.serving.now = False
         await self.health_servicer.enter_graceful_shutdown()  # load balancers send new work elsewhere
         await self.runner.shutdown(grace_seconds)
         await self.server.stop(FINAL_ANSWERS_SECONDS)
@@ -144,7 +153,8 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
             extra={"listen": config.listen},
         )
     await server.start()
-    health_task = asyncio.create_task(_follow_metering_health(metering, health_servicer))
+    serving = Serving()
+    health_task = asyncio.create_task(_follow_metering_health(metering, health_servicer, serving))
     retention_task = None
     if config.output_retention_hours > 0:
         retention_task = asyncio.create_task(
@@ -153,7 +163,7 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
     stop_metrics = None
     if config.metrics_listen:
         metrics.track_outbox(outbox.depth, lambda: len(outbox.dead_letters()))
-        metrics_port, stop_metrics = metrics.start_metrics_server(config.metrics_listen)
+        metrics_port, stop_metrics = metrics.start_metrics_server(config.metrics_listen, serving=lambda: serving.now)
         log.info("metrics serving", extra={"listen": config.metrics_listen, "port": metrics_port})
     log.info(
         "renderer serving",
@@ -167,7 +177,7 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
         },
     )
     return RunningRenderer(
-        server, port, runner, outbox, metering, health_servicer, health_task, stop_metrics, retention_task
+        server, port, runner, outbox, metering, health_servicer, serving, health_task, stop_metrics, retention_task
     )
 
 
@@ -187,11 +197,13 @@ def _servicer(runner: JobRunner) -> renderer_pb2_grpc.RendererServicer:
     return RendererServicer(runner)
 
 
-async def _follow_metering_health(metering: GrpcMeteringClient, health_servicer: health.aio.HealthServicer) -> None:
+async def _follow_metering_health(
+    metering: GrpcMeteringClient, health_servicer: health.aio.HealthServicer, serving: Serving
+) -> None:
     """SERVING only while metering answers and takes this renderer's token: without metering, nothing renders.
     Each change is logged once, with the reason."""
-    serving = health_pb2.HealthCheckResponse.SERVING
-    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    up = health_pb2.HealthCheckResponse.SERVING
+    down = health_pb2.HealthCheckResponse.NOT_SERVING
     last_reason: str | None = ""  # neither None (serving) nor a reason: the first round always logs a problem
     while True:
         reason = await metering.unhealthy_because()
@@ -201,8 +213,9 @@ async def _follow_metering_health(metering: GrpcMeteringClient, health_servicer:
             elif last_reason:
                 log.info("metering answers again: SERVING")
             last_reason = reason
+        serving.now = reason is None
         for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, serving if reason is None else not_serving)
+            await health_servicer.set(name, up if reason is None else down)
         await asyncio.sleep(HEALTH_PROBE_SECONDS)
 
 

@@ -1,5 +1,5 @@
 """deploy/k8s: every manifest passes `kubernetes-validate --strict`, and the manifests agree with the code:
-environment names the services read, their default ports, probes on the gRPC port, Secrets for credentials,
+environment names the services read, their default ports, probes on /healthz, Secrets for credentials,
 the tiers file where METERING_TIERS_FILE says, selectors that select, and drain times that fit."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from renderer.config import RendererConfig
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "k8s"
-# Oldest Kubernetes the manifests target (grpc probes GA in 1.27, preStop `sleep` on by default in 1.30) and
+# Oldest Kubernetes the manifests target (preStop `sleep` on by default in 1.30) and
 # the newest whose schemas kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 
@@ -139,9 +139,10 @@ def test_ports_and_probes_agree_with_the_code(kind, name, container_name, servic
     # The servers refuse a non-loopback address without auth, so the variable that enables it must be set.
     assert not env[listen_var]["value"].startswith("127."), "a pod must listen beyond loopback"
     assert AUTH_FOR_LISTEN[listen_var] in env
-    assert c["readinessProbe"]["grpc"]["port"] == grpc_port
-    if "startupProbe" in c:
-        assert c["startupProbe"]["grpc"]["port"] == grpc_port
+    # Readiness reads the health status over HTTP beside the metrics (Kubernetes' grpc probes cannot speak TLS).
+    for probe in ("readinessProbe", "startupProbe"):
+        if probe in c or probe == "readinessProbe":
+            assert c[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, probe
     assert c["livenessProbe"]["tcpSocket"]["port"] in ("grpc", grpc_port)
     annotations = workload["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == ports["metrics"]

@@ -26,11 +26,12 @@ from tests.support.faults import (
     MeteringReplica,
     ProcessRegistry,
     ReserveLoad,
+    free_port,
     ledger_by_key,
     ledger_violations,
     until,
 )
-from tests.support.metering import metering_stub, reserve_request, wait_health
+from tests.support.metering import http_health, metering_stub, reserve_request, wait_health
 from tests.support.pgproxy import PgProxy
 
 OK = grpc.StatusCode.OK
@@ -89,8 +90,12 @@ def some_user(rng: random.Random) -> str:
 async def test_database_lost_under_load_unavailable_then_recovered_without_restart_ledger_exact(
     outage: Outage, tmp_path: Path, processes: ProcessRegistry
 ) -> None:
+    metrics_port = free_port()
     metering = MeteringReplica(
-        processes, outage.database_url, log_dir=tmp_path, env={"METERING_DB_CONNECT_TIMEOUT_SECONDS": "2"}
+        processes,
+        outage.database_url,
+        log_dir=tmp_path,
+        env={"METERING_DB_CONNECT_TIMEOUT_SECONDS": "2", "METERING_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"},
     )
     await metering.start()
     pid = metering.process.pid
@@ -104,6 +109,7 @@ async def test_database_lost_under_load_unavailable_then_recovered_without_resta
         await outage.stop()
         cut_done = time.monotonic()
         await wait_health(metering.target, NOT_SERVING, timeout=15)
+        health_during = http_health(metrics_port)  # what a Kubernetes probe (plaintext HTTP) sees
         await until(
             answered(lambda a: a.started > cut_done, 20), timeout=30, what="calls answered during the outage"
         )
@@ -111,6 +117,7 @@ async def test_database_lost_under_load_unavailable_then_recovered_without_resta
         await outage.start()
         await wait_health(metering.target, SERVING, timeout=30)
         recovered = time.monotonic()
+        health_after = http_health(metrics_port)
         await until(
             answered(lambda a: a.started > recovered and a.code == OK, 30),
             timeout=30,
@@ -136,6 +143,7 @@ async def test_database_lost_under_load_unavailable_then_recovered_without_resta
 
     assert {a.code for a in attempts} <= {OK, UNAVAILABLE, RESOURCE_EXHAUSTED}  # never UNKNOWN or INTERNAL
     assert during and all(a.code == UNAVAILABLE for a in during)
+    assert health_during == (503, "NOT_SERVING") and health_after == (200, "SERVING")
     assert metering.process.pid == pid and metering.running and metering.incarnation == 1  # no restart
     acknowledged = [a for a in attempts if a.code == OK]
     assert all(a.key in ledger and str(ledger[a.key]["export_id"]) == a.export_id for a in acknowledged)

@@ -23,10 +23,11 @@ from tests.support.faults import (
     MeteringReplica,
     ProcessRegistry,
     RendererProcess,
+    free_port,
     set_tiers,
     until,
 )
-from tests.support.metering import metering_stub, start_metering, wait_health
+from tests.support.metering import http_health, metering_stub, start_metering, wait_health
 from tests.support.renderer import renderer_stub, tiny_composition, wait_terminal
 
 Job = renderer_pb2.RenderJob
@@ -152,8 +153,15 @@ async def test_a_renderer_sent_sigterm_finishes_its_render_while_its_caller_can_
     long_render = render_request("before-sigterm", "dana", seconds=120)
     long_render.composition.fps = 20
     async with start_metering(database_url) as metering:
-        renderer = RendererProcess(processes, metering.target, tmp_path, env={"RENDER_SHUTDOWN_GRACE_SECONDS": "60"})
+        metrics_port = free_port()
+        renderer = RendererProcess(
+            processes,
+            metering.target,
+            tmp_path,
+            env={"RENDER_SHUTDOWN_GRACE_SECONDS": "60", "RENDERER_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"},
+        )
         await renderer.start()
+        health_before = http_health(metrics_port)
         await set_tiers(metering.target, {"dana": "pro"})
         async with renderer_stub(renderer.target) as stub, metering_stub(metering.target) as ledger:
             job = await stub.StartRender(long_render)
@@ -161,6 +169,7 @@ async def test_a_renderer_sent_sigterm_finishes_its_render_while_its_caller_can_
             watched = asyncio.create_task(wait_terminal(stub, job.job_id))  # a caller following its render
             renderer.process.send_signal(signal.SIGTERM)
             await wait_health(renderer.target, NOT_SERVING, timeout=5)  # load balancers stop sending work here
+            health_during = http_health(metrics_port)  # and so do Kubernetes probes (plaintext HTTP)
 
             # Draining: nothing new starts (and nothing is reserved for it), the render under way stays readable,
             # and a caller retrying the start of its own render gets its job back.
@@ -172,6 +181,7 @@ async def test_a_renderer_sent_sigterm_finishes_its_render_while_its_caller_can_
             exit_code = await renderer.wait_exit(timeout=30)
             exports = (await ledger.ListExports(metering_pb2.ListExportsRequest(user_id="dana"))).exports
 
+    assert health_before == (200, "SERVING") and health_during == (503, "NOT_SERVING")
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "shutting down" in refused.value.details() and "nothing was reserved" in refused.value.details()
     assert during.state == Job.RENDERING and during.frames_rendered < during.frames_total

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from metering.domain import ExportStatus
 from metering.domain import OutputFormat as MeteringFormat
 from metering.domain import RenderMode as MeteringMode
 from renderer import metrics as renderer_metrics
+from tests.support.metering import http_health
 
 MODULES = [metering_metrics, renderer_metrics]
 PROBE = "test.v1.Probe"
@@ -288,6 +290,40 @@ def test_both_endpoints_in_one_process_serve_their_own_registry() -> None:
     assert "# TYPE grpc_server_handling_seconds histogram" in metering_text
     with pytest.raises(urllib.error.URLError):
         scrape(metering_port)
+
+
+def test_healthz_answers_what_the_service_says_now_and_metrics_stay_beside_it() -> None:
+    serving = False
+    port, stop = metering_metrics.start_metrics_server("127.0.0.1:0", serving=lambda: serving)
+    try:
+        down = http_health(port)
+        serving = True
+        up = http_health(port)
+        text = scrape(port)
+    finally:
+        stop()
+    assert down == (503, "NOT_SERVING") and up == (200, "SERVING")
+    assert "metering_reservations_in_flight" in text
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_metrics_server_listens_on_ipv6_loopback() -> None:
+    port, stop = renderer_metrics.start_metrics_server("[::1]:0", serving=lambda: True)
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{port}/healthz", timeout=5) as response:
+            body = response.read()
+    finally:
+        stop()
+    assert body == b"SERVING\n"
 
 
 def test_metrics_server_rejects_a_listen_address_without_port() -> None:

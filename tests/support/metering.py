@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -188,6 +190,15 @@ async def wait_health(target: str, wanted: int, *, timeout: float = 10.0, servic
                 last = error.code()
             await asyncio.sleep(0.1)
     raise TimeoutError(f"health of {target} stayed {last}, wanted {wanted}")
+
+
+def http_health(port: int) -> tuple[int, str]:
+    """GET /healthz of a metrics listener on loopback: (HTTP status, body)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            return answer.status, answer.read().decode().strip()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode().strip()
 
 
 @contextlib.asynccontextmanager
