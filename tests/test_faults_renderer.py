@@ -192,3 +192,31 @@ async def test_a_renderer_sent_sigterm_finishes_its_render_while_its_caller_can_
         ("before-sigterm", metering_pb2.EXPORT_STATUS_COMPLETED)
     ]
     assert exports[0].file_size_bytes == finished.file_size_bytes > 0
+
+
+async def test_a_render_longer_than_the_shutdown_grace_is_cancelled_and_recorded_so_and_its_caller_sees_it(
+    database_url: str, tmp_path: Path, processes: ProcessRegistry
+) -> None:
+    long_render = render_request("outlives-grace", "lee", seconds=120)
+    long_render.composition.fps = 20
+    async with start_metering(database_url) as metering:
+        renderer = RendererProcess(processes, metering.target, tmp_path, env={"RENDER_SHUTDOWN_GRACE_SECONDS": "0.5"})
+        await renderer.start()
+        await set_tiers(metering.target, {"lee": "pro"})
+        async with renderer_stub(renderer.target) as stub, metering_stub(metering.target) as ledger:
+            job = await stub.StartRender(long_render)
+            await wait_rendering(stub, job.job_id)
+            watched = asyncio.create_task(wait_terminal(stub, job.job_id))
+            renderer.process.send_signal(signal.SIGTERM)
+            finished = await watched
+            exit_code = await renderer.wait_exit(timeout=30)
+            exports = (await ledger.ListExports(metering_pb2.ListExportsRequest(user_id="lee"))).exports
+            usage = (await ledger.GetUsage(metering_pb2.GetUsageRequest(user_id="lee"))).usage
+
+    assert finished.state == Job.CANCELLED and finished.frames_rendered < finished.frames_total
+    assert exit_code == 0
+    assert [(e.idempotency_key, e.status) for e in exports] == [
+        ("outlives-grace", metering_pb2.EXPORT_STATUS_CANCELLED)
+    ]
+    assert usage.used == 0 and usage.in_flight == 0  # the slot is back at once, not when the lease runs out
+    assert not any(renderer.output_dir.iterdir())  # no partial file left behind
