@@ -4,9 +4,11 @@ a render runs and the renderer restarted before metering returns. Each test ends
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,8 +17,8 @@ import grpc
 import psutil
 import pytest
 
-from exportapi.metering.v1 import metering_pb2
-from exportapi.renderer.v1 import renderer_pb2
+from exportapi.metering.v1 import metering_pb2, metering_pb2_grpc
+from exportapi.renderer.v1 import renderer_pb2, renderer_pb2_grpc
 from tests.support.faults import (
     NOT_SERVING,
     SERVING,
@@ -146,46 +148,69 @@ async def test_a_completion_survives_metering_killed_mid_render_and_a_renderer_r
     await wait_health(renderer.target, SERVING)
 
 
+@dataclass
+class MidRender:
+    renderer: RendererProcess
+    metrics_port: int
+    health_before: tuple[int, str]  # /healthz just before SIGTERM
+    stub: renderer_pb2_grpc.RendererStub
+    ledger: metering_pb2_grpc.MeteringStub
+    request: renderer_pb2.StartRenderRequest
+    job: Job
+    watched: asyncio.Task[Job]  # a caller following the render to its end
+
+
+@contextlib.asynccontextmanager
+async def sigterm_mid_render(
+    database_url: str, root: Path, processes: ProcessRegistry, *, user: str, key: str, grace_seconds: float
+) -> AsyncIterator[MidRender]:
+    """A pro user's two-minute render at 20 fps under way (seconds of work), then SIGTERM to its renderer."""
+    request = render_request(key, user, seconds=120)
+    request.composition.fps = 20
+    metrics_port = free_port()
+    async with start_metering(database_url) as metering:
+        env = {
+            "RENDER_SHUTDOWN_GRACE_SECONDS": str(grace_seconds),
+            "RENDERER_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+        }
+        renderer = RendererProcess(processes, metering.target, root, env=env)
+        await renderer.start()
+        await set_tiers(metering.target, {user: "pro"})
+        async with renderer_stub(renderer.target) as stub, metering_stub(metering.target) as ledger:
+            job = await stub.StartRender(request)
+            await wait_rendering(stub, job.job_id)
+            watched = asyncio.create_task(wait_terminal(stub, job.job_id))
+            health_before = http_health(metrics_port)
+            renderer.process.send_signal(signal.SIGTERM)
+            try:
+                yield MidRender(renderer, metrics_port, health_before, stub, ledger, request, job, watched)
+            finally:
+                watched.cancel()  # ended already, unless the test failed before it awaited the watch
+
+
 async def test_a_renderer_sent_sigterm_finishes_its_render_while_its_caller_can_still_follow_it(
     database_url: str, tmp_path: Path, processes: ProcessRegistry
 ) -> None:
-    # Two minutes at 20 fps: seconds of work, so the checks below happen while it renders, well within the grace.
-    long_render = render_request("before-sigterm", "dana", seconds=120)
-    long_render.composition.fps = 20
-    async with start_metering(database_url) as metering:
-        metrics_port = free_port()
-        renderer = RendererProcess(
-            processes,
-            metering.target,
-            tmp_path,
-            env={"RENDER_SHUTDOWN_GRACE_SECONDS": "60", "RENDERER_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"},
-        )
-        await renderer.start()
-        health_before = http_health(metrics_port)
-        await set_tiers(metering.target, {"dana": "pro"})
-        async with renderer_stub(renderer.target) as stub, metering_stub(metering.target) as ledger:
-            job = await stub.StartRender(long_render)
-            await wait_rendering(stub, job.job_id)
-            watched = asyncio.create_task(wait_terminal(stub, job.job_id))  # a caller following its render
-            renderer.process.send_signal(signal.SIGTERM)
-            await wait_health(renderer.target, NOT_SERVING, timeout=5)  # load balancers stop sending work here
-            health_during = http_health(metrics_port)  # and so do Kubernetes probes (plaintext HTTP)
+    async with sigterm_mid_render(
+        database_url, tmp_path, processes, user="dana", key="before-sigterm", grace_seconds=60
+    ) as drain:
+        await wait_health(drain.renderer.target, NOT_SERVING, timeout=5)  # load balancers stop sending work here
+        health_during = http_health(drain.metrics_port)  # and so do Kubernetes probes (plaintext HTTP)
+        # Draining: nothing new starts (and nothing is reserved for it), the render under way stays readable,
+        # and a caller retrying the start of its own render gets its job back.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await drain.stub.StartRender(render_request("during-drain", "dana", seconds=1))
+        during = await drain.stub.GetRender(renderer_pb2.GetRenderRequest(job_id=drain.job.job_id))
+        replayed = await drain.stub.StartRender(drain.request)
+        finished = await drain.watched
+        exit_code = await drain.renderer.wait_exit(timeout=30)
+        exports = (await drain.ledger.ListExports(metering_pb2.ListExportsRequest(user_id="dana"))).exports
 
-            # Draining: nothing new starts (and nothing is reserved for it), the render under way stays readable,
-            # and a caller retrying the start of its own render gets its job back.
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.StartRender(render_request("during-drain", "dana", seconds=1))
-            during = await stub.GetRender(renderer_pb2.GetRenderRequest(job_id=job.job_id))
-            replayed = await stub.StartRender(long_render)
-            finished = await watched
-            exit_code = await renderer.wait_exit(timeout=30)
-            exports = (await ledger.ListExports(metering_pb2.ListExportsRequest(user_id="dana"))).exports
-
-    assert health_before == (200, "SERVING") and health_during == (503, "NOT_SERVING")
+    assert drain.health_before == (200, "SERVING") and health_during == (503, "NOT_SERVING")
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "shutting down" in refused.value.details() and "nothing was reserved" in refused.value.details()
     assert during.state == Job.RENDERING and during.frames_rendered < during.frames_total
-    assert replayed.job_id == job.job_id
+    assert replayed.job_id == drain.job.job_id
     assert finished.state == Job.SUCCEEDED and finished.frames_rendered == finished.frames_total
     assert exit_code == 0
     assert [(e.idempotency_key, e.status) for e in exports] == [
@@ -197,21 +222,13 @@ async def test_a_renderer_sent_sigterm_finishes_its_render_while_its_caller_can_
 async def test_a_render_longer_than_the_shutdown_grace_is_cancelled_and_recorded_so_and_its_caller_sees_it(
     database_url: str, tmp_path: Path, processes: ProcessRegistry
 ) -> None:
-    long_render = render_request("outlives-grace", "lee", seconds=120)
-    long_render.composition.fps = 20
-    async with start_metering(database_url) as metering:
-        renderer = RendererProcess(processes, metering.target, tmp_path, env={"RENDER_SHUTDOWN_GRACE_SECONDS": "0.5"})
-        await renderer.start()
-        await set_tiers(metering.target, {"lee": "pro"})
-        async with renderer_stub(renderer.target) as stub, metering_stub(metering.target) as ledger:
-            job = await stub.StartRender(long_render)
-            await wait_rendering(stub, job.job_id)
-            watched = asyncio.create_task(wait_terminal(stub, job.job_id))
-            renderer.process.send_signal(signal.SIGTERM)
-            finished = await watched
-            exit_code = await renderer.wait_exit(timeout=30)
-            exports = (await ledger.ListExports(metering_pb2.ListExportsRequest(user_id="lee"))).exports
-            usage = (await ledger.GetUsage(metering_pb2.GetUsageRequest(user_id="lee"))).usage
+    async with sigterm_mid_render(
+        database_url, tmp_path, processes, user="lee", key="outlives-grace", grace_seconds=0.5
+    ) as drain:
+        finished = await drain.watched
+        exit_code = await drain.renderer.wait_exit(timeout=30)
+        exports = (await drain.ledger.ListExports(metering_pb2.ListExportsRequest(user_id="lee"))).exports
+        usage = (await drain.ledger.GetUsage(metering_pb2.GetUsageRequest(user_id="lee"))).usage
 
     assert finished.state == Job.CANCELLED and finished.frames_rendered < finished.frames_total
     assert exit_code == 0
@@ -219,4 +236,4 @@ async def test_a_render_longer_than_the_shutdown_grace_is_cancelled_and_recorded
         ("outlives-grace", metering_pb2.EXPORT_STATUS_CANCELLED)
     ]
     assert usage.used == 0 and usage.in_flight == 0  # the slot is back at once, not when the lease runs out
-    assert not any(renderer.output_dir.iterdir())  # no partial file left behind
+    assert not any(drain.renderer.output_dir.iterdir())  # no partial file left behind

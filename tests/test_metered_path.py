@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -82,30 +84,42 @@ async def test_every_backend_refuses_work_without_a_reservation(make_backend: st
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@contextlib.asynccontextmanager
+async def local_runner(metering_target: str, root: Path) -> AsyncIterator[JobRunner]:
+    """A job runner as the renderer wires it (metering client, outbox, local backend), closed afterwards."""
+    client = GrpcMeteringClient(metering_target, timeout_seconds=5.0)
+    outbox = Outbox(root / "state" / "outbox.sqlite3", client.complete)
+    outbox.start()
+    try:
+        yield JobRunner(client, outbox, {RenderMode.LOCAL: LocalBackend(root / "renders")})
+    finally:
+        await outbox.close()
+        await client.close()
+
+
+def small_render(key: str, user: str) -> RenderRequest:
+    composition = Composition(width=64, height=64, fps=5.0, duration_seconds=1.0, background="black")
+    return RenderRequest(idempotency_key=key, user_id=user, project_id="p", composition=composition,
+                         format=OutputFormat.MP4)
+
+
+async def ledger_of(metering_target: str, user: str) -> list[tuple[str, int]]:
+    async with metering_stub(metering_target) as stub:
+        answer = await stub.ListExports(metering_pb2.ListExportsRequest(user_id=user))
+    return [(export.idempotency_key, export.status) for export in answer.exports]
+
+
 async def test_a_job_cancelled_before_its_task_first_runs_still_closes_its_export(
     metering_target: str, tmp_path: Path
 ) -> None:
     """CancelRender can reach a job whose task has not taken its first step (start() returns without
     yielding): the reservation must still be closed as CANCELLED, not left RESERVED until its lease ends."""
-    client = GrpcMeteringClient(metering_target, timeout_seconds=5.0)
-    outbox = Outbox(tmp_path / "state" / "outbox.sqlite3", client.complete)
-    outbox.start()
-    runner = JobRunner(client, outbox, {RenderMode.LOCAL: LocalBackend(tmp_path / "renders")})
-    composition = Composition(width=64, height=64, fps=5.0, duration_seconds=1.0, background="black")
-    try:
-        job = await runner.start(
-            RenderRequest(idempotency_key="early", user_id="eve", project_id="p", composition=composition,
-                          format=OutputFormat.MP4)
-        )
+    async with local_runner(metering_target, tmp_path) as runner:
+        job = await runner.start(small_render("early", "eve"))
         cancelled = await runner.cancel(job.job_id)
         await runner.shutdown(5)
-    finally:
-        await outbox.close()
-        await client.close()
     assert cancelled.state is JobState.CANCELLED
-    async with metering_stub(metering_target) as stub:
-        answer = await stub.ListExports(metering_pb2.ListExportsRequest(user_id="eve"))
-    assert [export.status for export in answer.exports] == [metering_pb2.EXPORT_STATUS_CANCELLED]
+    assert await ledger_of(metering_target, "eve") == [("early", metering_pb2.EXPORT_STATUS_CANCELLED)]
 
 
 async def test_a_shutdown_renders_and_closes_a_start_that_was_reserving_and_starts_nothing_new(
@@ -113,31 +127,14 @@ async def test_a_shutdown_renders_and_closes_a_start_that_was_reserving_and_star
 ) -> None:
     """A StartRender whose reservation is on its way when the drain begins has an export in the ledger: its
     render is drained like the others (not dropped with the export left RESERVED); a later one is refused."""
-    client = GrpcMeteringClient(metering_target, timeout_seconds=5.0)
-    outbox = Outbox(tmp_path / "state" / "outbox.sqlite3", client.complete)
-    outbox.start()
-    runner = JobRunner(client, outbox, {RenderMode.LOCAL: LocalBackend(tmp_path / "renders")})
-    composition = Composition(width=64, height=64, fps=5.0, duration_seconds=1.0, background="black")
-
-    def request(key: str) -> RenderRequest:
-        return RenderRequest(idempotency_key=key, user_id="ivy", project_id="p", composition=composition,
-                             format=OutputFormat.MP4)
-
-    try:
-        starting = asyncio.create_task(runner.start(request("reserving")))
+    async with local_runner(metering_target, tmp_path) as runner:
+        starting = asyncio.create_task(runner.start(small_render("reserving", "ivy")))
         await asyncio.sleep(0)  # the start is now waiting for metering's answer
         assert not starting.done()
         await runner.shutdown(30)
         assert starting.done(), "the drain ended before the start it found under way"
         job = runner.get(starting.result().job_id)
         with pytest.raises(Draining):
-            await runner.start(request("too-late"))
-    finally:
-        await outbox.close()
-        await client.close()
+            await runner.start(small_render("too-late", "ivy"))
     assert job.state is JobState.SUCCEEDED
-    async with metering_stub(metering_target) as stub:
-        answer = await stub.ListExports(metering_pb2.ListExportsRequest(user_id="ivy"))
-    assert [(e.idempotency_key, e.status) for e in answer.exports] == [
-        ("reserving", metering_pb2.EXPORT_STATUS_COMPLETED)
-    ]
+    assert await ledger_of(metering_target, "ivy") == [("reserving", metering_pb2.EXPORT_STATUS_COMPLETED)]
