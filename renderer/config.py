@@ -42,6 +42,7 @@ class RendererConfig:
     output_dir: Path
     state_dir: Path
     concurrency: int
+    max_waiting: int  # renders that may wait for a slot beyond `concurrency`; more are refused (RENDER_MAX_WAITING)
     asset_roots: tuple[Path, ...]
     source_buckets: frozenset[str]  # buckets s3:// sources may come from (RENDER_SOURCE_BUCKETS)
     stall_seconds: float  # stop an ffmpeg that shows no sign of life this long (RENDER_STALL_SECONDS)
@@ -92,13 +93,15 @@ class RendererConfig:
         except AuthConfigError as error:
             raise ConfigError(str(error)) from None
         require_auth_beyond_loopback(listen, auth)
+        concurrency = _int(env, "RENDER_CONCURRENCY", os.cpu_count() or 1, minimum=1, maximum=256)
         return cls(
             listen=listen,
             metering_target=_host_port(env, "METERING_TARGET", "127.0.0.1:50051"),
             default_mode=default_mode,
             output_dir=Path(env.get("RENDER_OUTPUT_DIR") or data_dir / "renders").resolve(),
             state_dir=Path(env.get("RENDER_STATE_DIR") or data_dir / "renderer").resolve(),
-            concurrency=_int(env, "RENDER_CONCURRENCY", os.cpu_count() or 1, minimum=1, maximum=256),
+            concurrency=concurrency,
+            max_waiting=_int(env, "RENDER_MAX_WAITING", 4 * concurrency, minimum=0, maximum=100_000),
             asset_roots=roots,
             source_buckets=parse_buckets(env.get("RENDER_SOURCE_BUCKETS")),
             stall_seconds=_float(env, "RENDER_STALL_SECONDS", 60.0, minimum=1.0),

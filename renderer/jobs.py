@@ -78,6 +78,10 @@ class Draining(Exception):
     """The renderer is shutting down: it finishes its renders but starts no new one."""
 
 
+class Busy(Exception):
+    """Every slot is taken and the waiting line is full: the render belongs on another renderer, or later."""
+
+
 @dataclass(frozen=True, slots=True)
 class RenderRequest:
     idempotency_key: str
@@ -156,15 +160,21 @@ class JobRunner:
         *,
         default_mode: RenderMode = RenderMode.LOCAL,
         concurrency: int = 1,
+        max_waiting: int | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_transition: Callable[[Job, JobState | None], None] | None = None,
     ) -> None:
-        """`on_transition(job, previous_state)` sees every state change (previous None for a new job)."""
+        """`on_transition(job, previous_state)` sees every state change (previous None for a new job).
+        At most `concurrency` renders run at once and `max_waiting` more wait for a slot (None: no limit);
+        a start beyond that is refused (`Busy`) before anything is reserved."""
         self._metering = metering
         self._completions = completions
         self._backends = dict(backends)
         self._default_mode = default_mode
         self._slots = asyncio.Semaphore(concurrency)
+        self._capacity = None if max_waiting is None else concurrency + max_waiting
+        self._unfinished: set[asyncio.Task[None]] = set()  # renders queued or running
+        self._starting = 0  # starts reserving with metering: renders to be
         self._clock = clock
         self._on_transition = on_transition
         self._entries: dict[str, _Entry] = {}
@@ -197,8 +207,14 @@ class JobRunner:
             return entry.job
         if self._draining:  # after the replay above: a caller that retries a render it started gets its job
             raise Draining("this renderer is shutting down and starts no new render; start it on another renderer")
+        if self._capacity is not None and len(self._unfinished) + self._starting >= self._capacity:
+            raise Busy(
+                f"this renderer is full ({len(self._unfinished) + self._starting} renders running or waiting); "
+                "start it on another renderer or later"
+            )
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._by_key[key] = future
+        self._starting += 1
         try:
             job_id = await self._reserve_and_queue(dataclasses.replace(request, mode=mode), mode)
         except BaseException as error:
@@ -206,6 +222,8 @@ class JobRunner:
             future.set_exception(error if isinstance(error, Exception) else asyncio.CancelledError())
             future.exception()  # a replay waiting on it sees the error; nobody else must log it as unretrieved
             raise
+        finally:
+            self._starting -= 1
         future.set_result(job_id)
         return self._entries[job_id].job
 
@@ -286,6 +304,8 @@ class JobRunner:
         job = entry.job
         entry.task = asyncio.create_task(self._run(entry, assignment, self._backends[mode]), name=job.job_id)
         entry.task.add_done_callback(lambda task: self._close_if_never_ran(entry, task))
+        self._unfinished.add(entry.task)
+        entry.task.add_done_callback(self._unfinished.discard)
         log.info(
             "render queued",
             extra={"job_id": job.job_id, "export_id": job.export_id, "user_id": job.user_id, "mode": mode.value},

@@ -86,6 +86,13 @@ LAMBDA_THROTTLES = Counter(
     "Lambda invocations refused with TooManyRequestsException (throttled).",
     registry=REGISTRY,
 )
+STARTS_REFUSED = Counter(
+    "renderer_starts_refused_total",
+    "StartRender refused before anything was reserved: busy (every slot and the waiting line full) or draining.",
+    ("reason",),
+    registry=REGISTRY,
+)
+START_REFUSAL_REASONS = ("busy", "draining")
 METERING_UNAVAILABLE = Counter(
     "renderer_metering_unavailable_total",
     "Calls to metering that failed because it could not be reached (renders refused or completions queued).",
@@ -99,6 +106,8 @@ for _mode in RENDER_MODES:
             JOBS.labels(_mode, _format, _state)
 for _outcome in LAMBDA_OUTCOMES:
     LAMBDA_INVOCATIONS.labels(_outcome)
+for _reason in START_REFUSAL_REASONS:
+    STARTS_REFUSED.labels(_reason)
 
 
 def _label(value: object) -> str:
@@ -152,6 +161,10 @@ def record_lambda_invocation(outcome: str) -> None:
 
 def record_lambda_throttle() -> None:
     LAMBDA_THROTTLES.inc()
+
+
+def record_start_refused(reason: str) -> None:
+    STARTS_REFUSED.labels(_checked("reason", reason, START_REFUSAL_REASONS)).inc()
 
 
 def record_metering_unavailable() -> None:

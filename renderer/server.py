@@ -128,6 +128,7 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
         build_backends(config),
         default_mode=config.default_mode,
         concurrency=config.concurrency,
+        max_waiting=config.max_waiting,
         on_transition=_record_transition,
     )
     # Metrics outermost, so it records the codes of refused calls too.

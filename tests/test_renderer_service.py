@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 
 from exportapi.metering.v1 import metering_pb2, metering_pb2_grpc
 from exportapi.renderer.v1 import renderer_pb2
+from renderer import metrics as renderer_metrics
 from renderer.media import measure
 from tests.support.metering import start_metering
 from tests.support.renderer import renderer_stub, start_renderer, tiny_composition, wait_terminal
@@ -150,6 +151,40 @@ async def test_cancel_mid_render_stops_ffmpeg_removes_output_and_records_cancell
     assert export.status == metering_pb2.EXPORT_STATUS_CANCELLED
     assert usage.used == 0
     assert not list((tmp_path / "renders").glob("*"))
+
+
+async def test_a_full_renderer_refuses_a_start_before_reserving_while_retries_of_its_jobs_still_answer(
+    metering_target: str, tmp_path: Path
+) -> None:
+    def long_request(key: str) -> renderer_pb2.StartRenderRequest:
+        request = start_request(key, user="fay", width=640, height=480, fps=30, duration_seconds=25)
+        request.composition.clips[0].duration = 25
+        return request
+
+    refused_before = renderer_metrics.sample_value("renderer_starts_refused_total", {"reason": "busy"})
+    async with (
+        start_renderer(metering_target, tmp_path, RENDER_CONCURRENCY="1", RENDER_MAX_WAITING="1") as running,
+        renderer_stub(running.target) as stub,
+        metering_stub(metering_target) as metering,
+    ):
+        rendering = await stub.StartRender(long_request("first"))
+        waiting = await stub.StartRender(long_request("second"))
+        with pytest.raises(grpc.aio.AioRpcError) as full:
+            await stub.StartRender(long_request("third"))
+        retried = await stub.StartRender(long_request("second"))  # a retry is an answer, not a new render
+        states = [(await stub.GetRender(renderer_pb2.GetRenderRequest(job_id=j.job_id))).state
+                  for j in (rendering, waiting)]
+        for job in (waiting, rendering):
+            await stub.CancelRender(renderer_pb2.CancelRenderRequest(job_id=job.job_id))
+        exports = await exports_of(metering, "fay")
+    refused = renderer_metrics.sample_value("renderer_starts_refused_total", {"reason": "busy"}) - refused_before
+
+    assert full.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "full" in full.value.details() and "nothing was reserved" in full.value.details()
+    assert retried.job_id == waiting.job_id
+    assert states == [Job.RENDERING, Job.QUEUED]
+    assert sorted(e.idempotency_key for e in exports) == ["first", "second"]  # the refused one used no quota
+    assert refused == 1
 
 
 async def test_watch_streams_progress_and_ends_in_a_terminal_state(metering_target: str, tmp_path: Path) -> None:
