@@ -34,6 +34,7 @@ class LambdaSettings:
 # under way to be answered, before gRPC stops.
 FINAL_ANSWERS_SECONDS = 2.0
 
+
 @dataclass(frozen=True, slots=True)
 class RendererConfig:
     listen: str

@@ -271,7 +271,7 @@ class JobRunner:
         starting = [future for future in self._by_key.values() if not future.done()]
         if starting:
             await asyncio.wait(starting, timeout=grace_seconds)
-        running = [e.task for e in self._entries.values() if e.task is not None and not e.task.done()]
+        running = list(self._unfinished)
         if running:
             remaining = max(deadline - asyncio.get_running_loop().time(), 0)
             _, still_running = await asyncio.wait(running, timeout=remaining)
