@@ -10,6 +10,7 @@ from pathlib import Path
 from metering.auth import RENDERER_ROLES, AuthConfigError, ClientTls, ServerTls, TokenTable, read_pem
 from metering.config import is_loopback as is_loopback_host
 from renderer.domain import RenderMode
+from renderer.metering_client import RESERVE_RETRY_DELAY_SECONDS
 from renderer.sources import parse_asset_roots, parse_buckets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -59,9 +60,11 @@ class RendererConfig:
 
     @property
     def drain_seconds(self) -> float:
-        """The longest a renderer takes to exit after SIGTERM: the renders' grace, then their completions (one
-        metering call each, at once; the outbox keeps what is not acknowledged), then its last answers."""
-        return self.shutdown_grace_seconds + self.metering_timeout_seconds + FINAL_ANSWERS_SECONDS
+        """The longest a renderer takes to exit after SIGTERM: the renders' grace (or, when longer, a start's
+        reservation under way: two metering calls at most), then their completions (one metering call each, at
+        once; the outbox keeps what is not acknowledged), then its last answers."""
+        reserving = 2 * self.metering_timeout_seconds + RESERVE_RETRY_DELAY_SECONDS
+        return max(self.shutdown_grace_seconds, reserving) + self.metering_timeout_seconds + FINAL_ANSWERS_SECONDS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RendererConfig:

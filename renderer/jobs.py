@@ -74,12 +74,22 @@ class BackendUnavailable(Exception):
     """The request asks for a backend this renderer is not configured for."""
 
 
-class Draining(Exception):
+class StartRefused(Exception):
+    """A start this renderer turns away before anything is reserved; `reason` names why, for metrics."""
+
+    reason = ""
+
+
+class Draining(StartRefused):
     """The renderer is shutting down: it finishes its renders but starts no new one."""
 
+    reason = "draining"
 
-class Busy(Exception):
+
+class Busy(StartRefused):
     """Every slot is taken and the waiting line is full: the render belongs on another renderer, or later."""
+
+    reason = "busy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +184,7 @@ class JobRunner:
         self._slots = asyncio.Semaphore(concurrency)
         self._capacity = None if max_waiting is None else concurrency + max_waiting
         self._unfinished: set[asyncio.Task[None]] = set()  # renders queued or running
-        self._starting = 0  # starts reserving with metering: renders to be
+        self._starting: set[asyncio.Future[str]] = set()  # starts reserving with metering: renders to be
         self._clock = clock
         self._on_transition = on_transition
         self._entries: dict[str, _Entry] = {}
@@ -207,14 +217,14 @@ class JobRunner:
             return entry.job
         if self._draining:  # after the replay above: a caller that retries a render it started gets its job
             raise Draining("this renderer is shutting down and starts no new render; start it on another renderer")
-        if self._capacity is not None and len(self._unfinished) + self._starting >= self._capacity:
+        taken = len(self._unfinished) + len(self._starting)
+        if self._capacity is not None and taken >= self._capacity:
             raise Busy(
-                f"this renderer is full ({len(self._unfinished) + self._starting} renders running or waiting); "
-                "start it on another renderer or later"
+                f"this renderer is full ({taken} renders running or waiting); start it on another renderer or later"
             )
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._by_key[key] = future
-        self._starting += 1
+        self._starting.add(future)
         try:
             job_id = await self._reserve_and_queue(dataclasses.replace(request, mode=mode), mode)
         except BaseException as error:
@@ -223,7 +233,7 @@ class JobRunner:
             future.exception()  # a replay waiting on it sees the error; nobody else must log it as unretrieved
             raise
         finally:
-            self._starting -= 1
+            self._starting.discard(future)
         future.set_result(job_id)
         return self._entries[job_id].job
 
@@ -267,10 +277,10 @@ class JobRunner:
         rest, flush their completions. Jobs stay readable (get, watch, cancel) meanwhile and after."""
         self._draining = True
         deadline = asyncio.get_running_loop().time() + grace_seconds
-        # Starts already reserving go on (each within the metering timeout): their jobs are drained like the rest.
-        starting = [future for future in self._by_key.values() if not future.done()]
-        if starting:
-            await asyncio.wait(starting, timeout=grace_seconds)
+        # Starts already reserving go on to the end, however long the grace (metering's deadlines bound them):
+        # a start that reserved must become a job that this drain closes, not a reservation left to its lease.
+        if self._starting:
+            await asyncio.wait(list(self._starting))
         running = list(self._unfinished)
         if running:
             remaining = max(deadline - asyncio.get_running_loop().time(), 0)

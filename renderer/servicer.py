@@ -14,7 +14,7 @@ from exportapi.renderer.v1 import renderer_pb2_grpc
 from metering.logs import request_id, request_id_from
 from renderer import converters, metrics
 from renderer.errors import InvalidArgument
-from renderer.jobs import BackendUnavailable, Busy, Draining, IdempotencyConflict, JobNotFound, JobRunner
+from renderer.jobs import BackendUnavailable, IdempotencyConflict, JobNotFound, JobRunner, StartRefused
 from renderer.metering_port import MeteringRejected, MeteringUnavailable
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> NoRetur
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(error))
         case BackendUnavailable():
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        case Draining() | Busy():
-            metrics.record_start_refused("draining" if isinstance(error, Draining) else "busy")
+        case StartRefused():
+            metrics.record_start_refused(error.reason)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{error}; nothing was reserved")
         case MeteringUnavailable():
             metrics.record_metering_unavailable()
