@@ -37,11 +37,23 @@ SERVICE_NAME = SERVICE.full_name
 HEALTH_PROBE_SECONDS = 2.0
 
 
-@dataclass
-class Serving:
-    """What the health check answers now; /healthz reads it from the metrics thread."""
+class Health:
+    """The renderer's health as gRPC health answers it and as /healthz reads it (from the metrics thread)."""
 
-    now: bool = False
+    def __init__(self) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self.serving = False
+
+    async def report(self, serving: bool) -> None:
+        self.serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.servicer.set(name, status)
+
+    async def shut_down(self) -> None:
+        """NOT_SERVING for good: load balancers send new work elsewhere."""
+        self.serving = False
+        await self.servicer.enter_graceful_shutdown()
 
 
 @dataclass
@@ -51,8 +63,7 @@ class RunningRenderer:
     runner: JobRunner
     outbox: Outbox
     metering: GrpcMeteringClient
-    health_servicer: health.aio.HealthServicer
-    serving: Serving
+    health: Health
     health_task: asyncio.Task[None]
     stop_metrics: Callable[[], None] | None = None
     retention_task: asyncio.Task[None] | None = None
@@ -70,8 +81,7 @@ class RunningRenderer:
             self.retention_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.health_task
-        self.serving.now = False
-        await self.health_servicer.enter_graceful_shutdown()  # load balancers send new work elsewhere
+        await self.health.shut_down()
         await self.runner.shutdown(grace_seconds)
         await self.server.stop(FINAL_ANSWERS_SECONDS)
         if self.retention_task is not None:
@@ -138,8 +148,8 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
     interceptors.append(RefuseUndecodable())
     server = grpc.aio.server(interceptors=interceptors)
     renderer_pb2_grpc.add_RendererServicer_to_server(_servicer(runner), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    renderer_health = Health()
+    health_pb2_grpc.add_HealthServicer_to_server(renderer_health.servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     if config.tls is not None:
         port = server.add_secure_port(config.listen, config.tls.credentials())
@@ -154,8 +164,7 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
             extra={"listen": config.listen},
         )
     await server.start()
-    serving = Serving()
-    health_task = asyncio.create_task(_follow_metering_health(metering, health_servicer, serving))
+    health_task = asyncio.create_task(_follow_metering_health(metering, renderer_health))
     retention_task = None
     if config.output_retention_hours > 0:
         retention_task = asyncio.create_task(
@@ -164,7 +173,9 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
     stop_metrics = None
     if config.metrics_listen:
         metrics.track_outbox(outbox.depth, lambda: len(outbox.dead_letters()))
-        metrics_port, stop_metrics = metrics.start_metrics_server(config.metrics_listen, serving=lambda: serving.now)
+        metrics_port, stop_metrics = metrics.start_metrics_server(
+            config.metrics_listen, serving=lambda: renderer_health.serving
+        )
         log.info("metrics serving", extra={"listen": config.metrics_listen, "port": metrics_port})
     log.info(
         "renderer serving",
@@ -178,7 +189,7 @@ async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 3
         },
     )
     return RunningRenderer(
-        server, port, runner, outbox, metering, health_servicer, serving, health_task, stop_metrics, retention_task
+        server, port, runner, outbox, metering, renderer_health, health_task, stop_metrics, retention_task
     )
 
 
@@ -198,13 +209,9 @@ def _servicer(runner: JobRunner) -> renderer_pb2_grpc.RendererServicer:
     return RendererServicer(runner)
 
 
-async def _follow_metering_health(
-    metering: GrpcMeteringClient, health_servicer: health.aio.HealthServicer, serving: Serving
-) -> None:
+async def _follow_metering_health(metering: GrpcMeteringClient, renderer_health: Health) -> None:
     """SERVING only while metering answers and takes this renderer's token: without metering, nothing renders.
     Each change is logged once, with the reason."""
-    up = health_pb2.HealthCheckResponse.SERVING
-    down = health_pb2.HealthCheckResponse.NOT_SERVING
     last_reason: str | None = ""  # neither None (serving) nor a reason: the first round always logs a problem
     while True:
         reason = await metering.unhealthy_because()
@@ -214,9 +221,7 @@ async def _follow_metering_health(
             elif last_reason:
                 log.info("metering answers again: SERVING")
             last_reason = reason
-        serving.now = reason is None
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, up if reason is None else down)
+        await renderer_health.report(reason is None)
         await asyncio.sleep(HEALTH_PROBE_SECONDS)
 
 
