@@ -42,6 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--shape", choices=("spread", "hot"), action="append",
                         help="metering: only this shape of load (repeatable)")
     parser.add_argument("--seconds", type=float, help="metering: seconds measured per run")
+    parser.add_argument("--rounds", type=int, help="metering: rounds of no-op then service run (default 3)")
     parser.add_argument("--profile", action="store_true", help="metering: record the server with py-spy")
     parser.add_argument("--output", type=Path, help="results file (latest.json, or quick.json with --quick)")
     parser.add_argument("--table", action="store_true", help="print the README table of the results file")
@@ -83,6 +84,8 @@ async def run_pieces(args: argparse.Namespace, pieces: list[str], pg: Any) -> di
                 changes["shapes"] = tuple(dict.fromkeys(args.shape))
             if args.seconds:
                 changes["seconds"] = args.seconds
+            if args.rounds:
+                changes["rounds"] = args.rounds
             if args.profile:
                 changes["profile_dir"] = RESULTS_DIR / "profile"
             settings = MeteringSettings.quick(**changes) if args.quick else MeteringSettings(**changes)

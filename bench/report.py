@@ -9,6 +9,26 @@ def _check(ok: bool | None) -> str:
     return "-" if ok is None else ("met" if ok else "NOT met")
 
 
+def _round_ratios(figures: dict[str, Any]) -> list[float]:
+    return [measured["ratio_vs_noop"] for measured in figures.get("rounds", [])]
+
+
+def _rounds_line(figures: dict[str, Any]) -> list[str]:
+    ratios = _round_ratios(figures)
+    if len(ratios) < 2:
+        return []
+    return [
+        f"    rounds of no-op then service, back to back: ratio {', '.join(f'{ratio:.3f}' for ratio in ratios)}"
+        " (the median round is the one reported)"
+    ]
+
+
+def _ratio_cell(figures: dict[str, Any]) -> str:
+    ratios = _round_ratios(figures)
+    spread = f" (rounds {min(ratios):.3f}-{max(ratios):.3f})" if len(ratios) > 1 else ""
+    return f"{figures['ratio_vs_noop']}{spread}"
+
+
 def _shape_lines(shape: str, figures: dict[str, Any], targets: dict[str, float]) -> list[str]:
     service, noop, pgbench, open_loop = (figures[key] for key in ("service", "noop", "pgbench", "open_loop"))
     ratio = figures["ratio_vs_noop"]
@@ -24,6 +44,7 @@ def _shape_lines(shape: str, figures: dict[str, Any], targets: dict[str, float])
         f"{noop.get('other_cpu_ms_per_pair', 0):.2f} ms)",
         f"    no-op server {noop['pairs_per_second']:.0f} pairs/s -> ratio {ratio} "
         f"(target >= {targets['ratio_vs_noop']}: {_check(ratio is not None and ratio >= targets['ratio_vs_noop'])})",
+        *_rounds_line(figures),
         f"    pgbench same SQL ({pgbench['clients']} connections) {pgbench['pairs_per_second']:.0f} pairs/s "
         f"-> ratio {figures['ratio_vs_pgbench']}",
         f"    open loop at {open_loop['rate']:.0f} pairs/s (half the maximum): p50 {open_loop['p50_ms']:.1f} ms, "
@@ -116,7 +137,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             )
             rows.append(
                 f"| metering pairs/s, {shape} | {service['pairs_per_second']:.0f} | no-op gRPC "
-                f"{noop['pairs_per_second']:.0f} | {figures['ratio_vs_noop']} | >= 0.6 |"
+                f"{noop['pairs_per_second']:.0f} | {_ratio_cell(figures)} | >= 0.6 |"
             )
             rows.append(
                 f"| metering pairs/s, {shape} | {service['pairs_per_second']:.0f} | pgbench same SQL "

@@ -34,7 +34,9 @@ def _is_ratio(value: object) -> bool:
 
 def test_quick_run_reports_every_piece_with_machine_and_ratios(pg_dsn: str, tmp_path: Path) -> None:
     output = tmp_path / "quick.json"
-    done = _run_bench(pg_dsn, "--quick", "--shape", "spread", "--seconds", "0.5", "--output", str(output))
+    done = _run_bench(
+        pg_dsn, "--quick", "--shape", "spread", "--seconds", "0.5", "--rounds", "2", "--output", str(output)
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     printed = done.stdout
@@ -42,6 +44,7 @@ def test_quick_run_reports_every_piece_with_machine_and_ratios(pg_dsn: str, tmp_
     for heading in ("== metering ==", "== stats ==", "== render ==", "== lambda =="):
         assert heading in printed
     assert "no-op server" in printed and "pgbench same SQL" in printed and "open loop at" in printed
+    assert "rounds of no-op then service" in printed
 
     results = json.loads(output.read_text())
     assert results["quick"] is True
@@ -57,6 +60,10 @@ def test_quick_run_reports_every_piece_with_machine_and_ratios(pg_dsn: str, tmp_
         assert 0 < run["p50_ms"] <= run["p99_ms"] <= run["max_ms"], baseline
     assert spread["pgbench"]["pairs_per_second"] > 0 and spread["pgbench"]["failed"] == 0
     assert _is_ratio(spread["ratio_vs_noop"]) and _is_ratio(spread["ratio_vs_pgbench"])
+    # Each round is a no-op run and a service run back to back; the reported ratio is the lower-middle round's.
+    round_ratios = sorted(measured["ratio_vs_noop"] for measured in spread["rounds"])
+    assert len(round_ratios) == 2 and spread["ratio_vs_noop"] == round_ratios[0]
+    assert spread["service"]["pairs_per_second"] in [m["service_pairs_per_second"] for m in spread["rounds"]]
     assert spread["open_loop"]["rate"] > 0
     # Under 64 calls in flight, every counter and rollup still agrees with the ledger, row for row.
     assert spread["ledger"]["consistent"], spread["ledger"]
