@@ -50,10 +50,17 @@ def decode(token: str, *, user_id: str, project_id: str | None) -> Cursor:
         payload = json.loads(raw)
         if not isinstance(payload, dict) or payload.get("v") != 1:
             raise invalid
-        created_at = datetime.fromisoformat(payload["t"])
-        export_id = uuid.UUID(payload["id"])
-    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        moment, identifier = payload["t"], payload["id"]
+        if not isinstance(moment, str) or not isinstance(identifier, str):
+            raise invalid  # a token is made by `encode`, but anyone can build one with the right filter tag
+        created_at = datetime.fromisoformat(moment)
+        if created_at.tzinfo is None:
+            raise invalid
+        # In UTC here, as the database compares it: year 1 at +01:00 is before year 1 in UTC (OverflowError).
+        created_at = created_at.astimezone(UTC)
+        export_id = uuid.UUID(identifier)
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError):
         raise invalid from None
-    if created_at.tzinfo is None or payload.get("f") != _filter_tag(user_id, project_id):
+    if payload.get("f") != _filter_tag(user_id, project_id):
         raise invalid
     return Cursor(created_at, export_id)

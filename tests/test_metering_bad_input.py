@@ -3,6 +3,8 @@ INTERNAL, and nothing written."""
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 from collections.abc import AsyncIterator
 
@@ -11,6 +13,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 from exportapi.metering.v1 import metering_pb2 as pb
+from metering import pagination
 from tests.support import postgres
 from tests.support.metering import metering_stub, reserve_request, start_metering, status_details
 
@@ -30,6 +33,12 @@ def complete(**changes: object) -> pb.CompleteRequest:
     for name, value in changes.items():
         setattr(request, name, value)
     return request
+
+
+def _forged_token(moment: str, export_id: object = "00000000-0000-0000-0000-000000000000") -> str:
+    """A ListExports page token for user "val" built by hand: its filter tag is right, its cursor is not."""
+    payload = {"v": 1, "t": moment, "id": export_id, "f": pagination._filter_tag("val", None)}
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
 
 
 CASES = [
@@ -93,6 +102,11 @@ CASES = [
     ("ListExports", pb.ListExportsRequest(user_id="val", page_token="garbage"), "page_token"),
     ("ListExports", pb.ListExportsRequest(user_id="val", page_token="!!!?"), "page_token"),
     ("ListExports", pb.ListExportsRequest(user_id="val", page_token="eyJ2IjoxfQ"), "page_token"),
+    # Forged with the right filter tag: a moment before year 1 in UTC (the database cannot take it), an id not text.
+    ("ListExports", pb.ListExportsRequest(user_id="val", page_token=_forged_token("0001-01-01T00:00:00+01:00")),
+     "page_token"),
+    ("ListExports", pb.ListExportsRequest(user_id="val", page_token=_forged_token("2030-01-01T00:00:00Z", 7)),
+     "page_token"),
     # GetStats
     ("GetStats", pb.GetStatsRequest(days=-1), "days"),
     ("GetStats", pb.GetStatsRequest(days=100000), "days"),

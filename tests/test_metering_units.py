@@ -3,6 +3,8 @@ page tokens, percentiles, named SQL, and the error -> status mapping."""
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -110,6 +112,12 @@ def test_error_text_is_cut_on_a_character_boundary() -> None:
     assert validation.bounded_error_text("x\x00y") == "xy"
 
 
+def _forged(**fields: object) -> str:
+    """A page token built by hand, with the filter tag of user "u" and no project."""
+    payload = {"v": 1, **fields, "f": pagination._filter_tag("u", None)}
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+
+
 def test_page_tokens_round_trip_and_refuse_tampering() -> None:
     cursor = pagination.Cursor(datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC), uuid.uuid4())
     token = pagination.encode(cursor, user_id="u", project_id=None)
@@ -121,6 +129,14 @@ def test_page_tokens_round_trip_and_refuse_tampering() -> None:
         (token[:-3], "u", None),
         (token + "x" * 600, "u", None),
         ("eyJ2IjoyfQ", "u", None),  # {"v":2}
+        # Built by hand with the right filter tag (it is not a secret): fields of the wrong type, or a moment
+        # that exists only in its own time zone (year 1 at +01:00, year 9999 at -01:00 are out of range in UTC).
+        (_forged(t=cursor.created_at.isoformat(), id=123), "u", None),
+        (_forged(t=cursor.created_at.isoformat(), id=[str(cursor.export_id)]), "u", None),
+        (_forged(t=1893456000, id=str(cursor.export_id)), "u", None),
+        (_forged(t="0001-01-01T00:00:00+01:00", id=str(cursor.export_id)), "u", None),
+        (_forged(t="9999-12-31T23:59:59-01:00", id=str(cursor.export_id)), "u", None),
+        (_forged(t="2030-01-01T00:00:00", id=str(cursor.export_id)), "u", None),  # no time zone
     ]:
         with pytest.raises(errors.InvalidArgument) as refused:
             pagination.decode(bad, user_id=user, project_id=project)
