@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_TIER = "free"  # the tier of a user metering has never seen (contract)
-TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")  # \Z: `$` would let a trailing newline through
+# Limits travel as PostgreSQL bigint and protobuf int64; a billion exports a day already means "no limit".
+MAX_COUNT = 1 << 62
 _KEYS = frozenset({"daily_limit", "max_duration_seconds", "project_daily_limit"})
 
 
@@ -119,8 +121,8 @@ def _parse_tier(path: Path, name: str, values: object) -> Tier:
 def _count(where: str, key: str, value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise TierConfigError(f"{where}: {key} must be a whole number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise TierConfigError(f"{where}: {key} must be a whole number from 0 to 2**62, got {value!r}")
     return value
 
 

@@ -23,6 +23,9 @@ MAX_URI_LENGTH = 2048
 MAX_ERROR_BYTES = 4096
 MAX_DURATION_SECONDS = 24 * 3600.0  # a sanity bound on any video; tiers cap far lower
 MAX_RENDER_SECONDS = 7 * 24 * 3600.0
+# 1 TiB: far above any video file, and low enough that the byte sums of rollups and summaries (bigint) cannot
+# overflow; one oversized report would otherwise break every later Complete, GetStats and compaction of its rows.
+MAX_FILE_SIZE_BYTES = 1 << 40
 MIN_SIDE, MAX_SIDE = 1, 8192
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
@@ -30,8 +33,8 @@ DEFAULT_STATS_DAYS = 30
 MAX_STATS_DAYS = 3660
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_RESOLUTION = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_RESOLUTION = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})\Z")  # \Z: `$` would let a trailing newline through
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
 
 def identifier(field: str, value: str) -> str:
@@ -106,8 +109,8 @@ def complete(request: CompleteRequest) -> CompleteRequest:
             "outcome",
             "must be EXPORT_STATUS_COMPLETED, EXPORT_STATUS_FAILED or EXPORT_STATUS_CANCELLED",
         )
-    if request.file_size_bytes < 0:
-        raise errors.InvalidArgument("file_size_bytes", "must be >= 0")
+    if not 0 <= request.file_size_bytes <= MAX_FILE_SIZE_BYTES:
+        raise errors.InvalidArgument("file_size_bytes", f"must be from 0 to {MAX_FILE_SIZE_BYTES} (1 TiB)")
     for field, value, bound in (
         ("duration_seconds", request.duration_seconds, MAX_DURATION_SECONDS),
         ("render_seconds", request.render_seconds, MAX_RENDER_SECONDS),

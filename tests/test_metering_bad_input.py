@@ -70,6 +70,7 @@ CASES = [
     ("CheckAndReserve", reserve(resolution="100x0"), "resolution"),
     ("CheckAndReserve", reserve(resolution="99999x10"), "resolution"),
     ("CheckAndReserve", reserve(resolution="-5x5"), "resolution"),
+    ("CheckAndReserve", reserve(resolution="1920x1080\n"), "resolution"),
     ("CheckAndReserve", reserve(resolution="1920x1080x3"), "resolution"),
     ("CheckAndReserve", reserve(resolution=" 1920x1080"), "resolution"),
     # Complete
@@ -81,6 +82,8 @@ CASES = [
     ("Complete", complete(outcome=pb.EXPORT_STATUS_EXPIRED), "outcome"),
     ("Complete", complete(outcome=42), "outcome"),
     ("Complete", complete(file_size_bytes=-1), "file_size_bytes"),
+    ("Complete", complete(file_size_bytes=(1 << 40) + 1), "file_size_bytes"),  # sums of such would overflow
+    ("Complete", complete(file_size_bytes=(1 << 63) - 1), "file_size_bytes"),
     ("Complete", complete(duration_seconds=-1), "duration_seconds"),
     ("Complete", complete(duration_seconds=math.nan), "duration_seconds"),
     ("Complete", complete(duration_seconds=math.inf), "duration_seconds"),

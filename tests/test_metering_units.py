@@ -93,6 +93,10 @@ def test_tiers_files_override_and_add_tiers(tmp_path: Path) -> None:
         ("[tiers.free]\nmax_duration_seconds = nan\n", "max_duration_seconds must be a number > 0"),
         ("[tiers.free]\ndialy_limit = 3\n", "unknown keys ['dialy_limit']"),
         ("[tiers.\"Bad Name\"]\n", "a tier name is"),
+        ("[tiers.\"pro\\n\"]\n", "a tier name is"),  # a trailing newline, as `$` in a pattern would allow
+        # Above what PostgreSQL's bigint and protobuf's int64 carry: every reservation would fail, not start-up.
+        ("[tiers.free]\ndaily_limit = 99999999999999999999\n", "daily_limit must be a whole number from 0 to 2**62"),
+        ("[tiers.free]\nproject_daily_limit = 9223372036854775807\n", "project_daily_limit must be a whole number"),
         ("tiers = 3\n", "[tiers] must be a table"),
         ("[plans.free]\n", "unknown top-level keys"),
         ("[tiers.free\n", "not valid TOML"),
