@@ -24,7 +24,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO, TypeVar
 
@@ -37,6 +37,8 @@ from exportapi.metering.v1 import metering_pb2 as pb
 from exportapi.metering.v1 import metering_pb2_grpc
 from metering import errors
 from metering.auth import AuthConfigError, ClientTls, sync_channel
+from metering.config import MAX_RETENTION_DAYS
+from metering.validation import MAX_STATS_DAYS
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 CALL_TIMEOUT_SECONDS = 15.0
@@ -48,7 +50,10 @@ T = TypeVar("T")
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # a usage error (argparse has said why on stderr), or --help
+        return stop.code if isinstance(stop.code, int) else 2
     if args.command == "archive":
         return _archive(args, out)
     if args.command == "rebuild-summaries":
@@ -80,6 +85,21 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 1
 
 
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high`, else a usage error (not a traceback later)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand's own --json must not reset one given before the subcommand.
@@ -97,7 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", parents=[common], help="export analytics, system-wide or narrowed")
     stats.add_argument("--user", default="", help="one user's stats")
     stats.add_argument("--project", default="", help="one project's stats")
-    stats.add_argument("--days", type=int, default=30, help="window in days ending today (30)")
+    stats.add_argument(
+        "--days", type=_whole(0, MAX_STATS_DAYS), default=30, help="window in days ending today (30)"
+    )
     stats.set_defaults(run=_stats)
 
     near_limit = commands.add_parser(
@@ -114,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     history = commands.add_parser("history", parents=[common], help="a user's exports, newest first")
     history.add_argument("user")
     history.add_argument("--project", default=None, help="only this project")
-    history.add_argument("--limit", type=int, default=20, help="how many exports (20)")
+    history.add_argument("--limit", type=_whole(1, 1_000_000), default=20, help="how many exports (20)")
     history.set_defaults(run=_history)
 
     set_tier = commands.add_parser("set-tier", parents=[common], help="move a user to another tier")
@@ -131,11 +153,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     archive.add_argument(
         "--older-than-days",
-        type=int,
+        type=_whole(1, MAX_RETENTION_DAYS),
         default=None,
         help="archive exports created and closed more than N days ago (METERING_RETENTION_DAYS, 90)",
     )
-    archive.add_argument("--batch-size", type=int, default=None, help="exports moved per statement (1000)")
+    archive.add_argument(
+        "--batch-size", type=_whole(1, 100_000), default=None, help="exports moved per statement (1000)"
+    )
     commands.add_parser(
         "rebuild-summaries",
         parents=[json_only],
@@ -306,9 +330,6 @@ def _usage(stub: metering_pb2_grpc.MeteringStub, args: argparse.Namespace, out: 
 
 
 def _history(stub: metering_pb2_grpc.MeteringStub, args: argparse.Namespace, out: TextIO) -> int:
-    if args.limit < 1:
-        print("metering: --limit must be at least 1", file=sys.stderr)
-        return 2
     exports: list[pb.Export] = []
     token = ""
     while len(exports) < args.limit:
@@ -370,16 +391,10 @@ def _archive(args: argparse.Namespace, out: TextIO) -> int:
     except config.ConfigError as error:
         print(f"metering: {error}", file=sys.stderr)
         return 2
-    if days < 1:
-        if args.older_than_days is None:
-            print("metering: METERING_RETENTION_DAYS=0 means never; pass --older-than-days N", file=sys.stderr)
-        else:
-            print("metering: --older-than-days must be at least 1", file=sys.stderr)
+    if days < 1:  # only METERING_RETENTION_DAYS=0 gets here: the option's type refuses it
+        print("metering: METERING_RETENTION_DAYS=0 means never; pass --older-than-days N", file=sys.stderr)
         return 2
     batch_size = args.batch_size if args.batch_size is not None else archive.DEFAULT_BATCH_SIZE
-    if batch_size < 1:
-        print("metering: --batch-size must be at least 1", file=sys.stderr)
-        return 2
     database_url = os.environ.get("DATABASE_URL") or _embedded_database_url()
     now = datetime.now(UTC)
 

@@ -15,6 +15,9 @@ from metering.tiers import TierConfigError, TierTable
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_LEASE_SECONDS = 120.0
+MIN_LEASE_SECONDS = 1.0
+MAX_LEASE_SECONDS = 86400.0
+MAX_RETENTION_DAYS = 36500  # a hundred years: "keep everything" (0 means never archive)
 DEFAULT_RETENTION_DAYS = 90
 DEFAULT_ARCHIVE_INTERVAL_SECONDS = 3600.0
 
@@ -72,6 +75,13 @@ class Config:
                 "(METERING_AUTH_TOKENS unset) metering serves only 127.0.0.1 / ::1"
             )
         lease = _seconds(env, "METERING_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)
+        if not MIN_LEASE_SECONDS <= lease <= MAX_LEASE_SECONDS:
+            # Shorter, and every reservation is born expired while the reaper spins; far longer, and a crashed
+            # renderer holds its quota for days (and lease ends past year 9999 fail every reservation).
+            raise ConfigError(
+                f"METERING_LEASE_SECONDS={env['METERING_LEASE_SECONDS']!r}: expected {MIN_LEASE_SECONDS:g} to "
+                f"{MAX_LEASE_SECONDS:g} seconds"
+            )
         tiers_file = env.get("METERING_TIERS_FILE") or None
         try:
             tiers = TierTable.load(Path(tiers_file) if tiers_file else None)
@@ -121,12 +131,15 @@ def retention_days(env: Mapping[str, str]) -> int:
     raw = (env.get("METERING_RETENTION_DAYS") or "").strip()
     if not raw:
         return DEFAULT_RETENTION_DAYS
-    invalid = ConfigError(f"METERING_RETENTION_DAYS={raw!r}: expected a whole number of days >= 0 (0: never archive)")
+    invalid = ConfigError(
+        f"METERING_RETENTION_DAYS={raw!r}: expected a whole number of days from 0 to {MAX_RETENTION_DAYS} "
+        "(0: never archive)"
+    )
     try:
         value = int(raw)
     except ValueError:
         raise invalid from None
-    if value < 0:
+    if not 0 <= value <= MAX_RETENTION_DAYS:  # beyond, the archiver's cut-off date is before year 1
         raise invalid
     return value
 

@@ -504,7 +504,8 @@ def test_retention_settings_are_validated() -> None:
     assert Config.from_env({}).archive_interval_seconds == 3600
     assert Config.from_env({"METERING_RETENTION_DAYS": "0"}).retention_days == 0
     assert Config.from_env({"METERING_RETENTION_DAYS": "400"}).retention_days == 400
-    for bad in ("-1", "ninety", "1.5"):
+    assert Config.from_env({"METERING_RETENTION_DAYS": "36500"}).retention_days == 36500
+    for bad in ("-1", "ninety", "1.5", "36501", "1000000000"):  # past a century the cut-off is before year 1
         with pytest.raises(ConfigError, match="METERING_RETENTION_DAYS"):
             Config.from_env({"METERING_RETENTION_DAYS": bad})
     with pytest.raises(ConfigError, match="METERING_ARCHIVE_INTERVAL_SECONDS"):
@@ -558,7 +559,9 @@ async def test_cli_archive_refuses_bad_settings_and_says_when_the_database_is_aw
     code, _, err = await run_maintenance_cli(monkeypatch, {**env, "METERING_RETENTION_DAYS": "0"}, "archive")
     assert code == 2 and "METERING_RETENTION_DAYS=0" in err and "--older-than-days" in err
     code, _, err = await run_maintenance_cli(monkeypatch, env, "archive", "--older-than-days", "0")
-    assert code == 2 and "--older-than-days must be at least 1" in err
+    assert code == 2 and "--older-than-days: must be from 1 to 36500, got 0" in err
+    code, _, err = await run_maintenance_cli(monkeypatch, env, "archive", "--older-than-days", "1000000000")
+    assert code == 2 and "--older-than-days: must be from 1 to 36500" in err and "Traceback" not in err
     code, _, err = await run_maintenance_cli(monkeypatch, {**env, "METERING_RETENTION_DAYS": "soon"}, "archive")
     assert code == 2 and "METERING_RETENTION_DAYS" in err and "Traceback" not in err
     unreachable = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/metering"}

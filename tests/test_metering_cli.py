@@ -113,6 +113,13 @@ async def test_errors_are_one_line_and_a_nonzero_exit(
     code, _ = await run_cli("--target", f"127.0.0.1:{unused_tcp_port}", "usage", "cleo")
     assert code == 3
     assert f"cannot reach metering at 127.0.0.1:{unused_tcp_port}" in capsys.readouterr().err
+    # Out of range for the request's int32 field: a usage line naming the option, not a protobuf traceback.
+    for command, option, value in (
+        (["stats"], "--days", "3000000000"), (["stats"], "--days", "-1"), (["history", "cleo"], "--limit", "0")
+    ):
+        code, _ = await run_cli("--target", populated, *command, option, value)
+        err = capsys.readouterr().err
+        assert code == 2 and f"argument {option}: must be from" in err and "Traceback" not in err, err
 
 
 async def test_python_dash_m_metering_cli_reads_metering_target(populated: str) -> None:

@@ -110,6 +110,9 @@ async def test_every_metering_rpc_passes_through_the_status_mapping(
         ("METERING_LEASE_SECONDS", "soon"),
         ("METERING_LEASE_SECONDS", "0"),
         ("METERING_LEASE_SECONDS", "nan"),
+        ("METERING_LEASE_SECONDS", "1e-7"),  # every reservation born expired, the reaper spinning
+        ("METERING_LEASE_SECONDS", "1e12"),  # leases ending after year 9999: every reservation INTERNAL
+        ("METERING_RETENTION_DAYS", "1000000"),  # a cut-off date before year 1: the archiver failing forever
         ("METERING_DAY_TIMEZONE", "Mars/Olympus"),
         ("METERING_TIERS_FILE", "/nonexistent/tiers.toml"),
         ("METERING_DB_POOL_SIZE", "0"),
