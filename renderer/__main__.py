@@ -29,7 +29,11 @@ def main() -> int:
         run = uvloop.run
     except ImportError:  # optional: asyncio's own loop works the same, slower
         run = asyncio.run
-    run(serve_forever(config))
+    try:
+        run(serve_forever(config))
+    except ConfigError as error:  # found only when starting: a port taken, an output directory not writable
+        print(f"renderer: configuration error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,9 @@ from renderer.metering_client import RESERVE_RETRY_DELAY_SECONDS
 from renderer.sources import parse_asset_roots, parse_buckets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# S3's rules for a bucket name (3-63 of a-z, 0-9, '.', '-'; a letter or digit at each end): anything else,
+# such as "s3://bucket" or a key prefix, would only fail at the first upload or fetch, after a reservation.
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 
 
 class ConfigError(ValueError):
@@ -107,7 +112,7 @@ class RendererConfig:
             concurrency=concurrency,
             max_waiting=_int(env, "RENDER_MAX_WAITING", 4 * concurrency, minimum=0, maximum=100_000),
             asset_roots=roots,
-            source_buckets=parse_buckets(env.get("RENDER_SOURCE_BUCKETS")),
+            source_buckets=_bucket_names("RENDER_SOURCE_BUCKETS", parse_buckets(env.get("RENDER_SOURCE_BUCKETS"))),
             stall_seconds=_float(env, "RENDER_STALL_SECONDS", 60.0, minimum=1.0),
             shutdown_grace_seconds=_float(env, "RENDER_SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0),
             output_retention_hours=_float(env, "RENDER_OUTPUT_RETENTION_HOURS", 0.0, minimum=0.0),
@@ -152,13 +157,34 @@ def _lambda_settings(env: Mapping[str, str]) -> LambdaSettings | None:
         raise ConfigError("LAMBDA_FUNCTION_NAME and RENDER_BUCKET go together: set both or neither")
     return LambdaSettings(
         function_name=function_name,
-        bucket=bucket,
+        bucket=next(iter(_bucket_names("RENDER_BUCKET", [bucket]))),
         chunk_seconds=_float(env, "RENDER_LAMBDA_CHUNK_SECONDS", 10.0, minimum=0.5),
         max_concurrency=_int(env, "RENDER_LAMBDA_MAX_CONCURRENCY", 8, minimum=1, maximum=1000),
         timeout_seconds=_float(env, "RENDER_LAMBDA_TIMEOUT_SECONDS", 900.0, minimum=1.0),
         endpoint_url=env.get("AWS_ENDPOINT_URL_LAMBDA") or env.get("AWS_ENDPOINT_URL") or None,
         s3_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
     )
+
+
+def _bucket_names(variable: str, names: Iterable[str]) -> frozenset[str]:
+    names = frozenset(names)
+    for name in sorted(names):
+        if not _BUCKET_NAME.match(name) or ".." in name:
+            raise ConfigError(
+                f"{variable}: {name!r} is not an S3 bucket name (3-63 of a-z, 0-9, '.' and '-'; no s3:// or path)"
+            )
+    return names
+
+
+def ensure_writable_directory(directory: Path, variable: str) -> None:
+    """Creates `directory` if need be and proves a file can be made in it: checked when the renderer starts,
+    not at the first render, which would fail after its reservation."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{variable}={directory}: not a directory the renderer can write to ({error})") from None
 
 
 def _optional_host_port(env: Mapping[str, str], name: str) -> str | None:

@@ -21,6 +21,7 @@ from renderer.config import (
     FINAL_ANSWERS_SECONDS,
     ConfigError,
     RendererConfig,
+    ensure_writable_directory,
     is_loopback,
     require_auth_beyond_loopback,
 )
@@ -119,6 +120,8 @@ def build_backends(config: RendererConfig) -> dict[RenderMode, RenderBackend]:
 
 async def start(config: RendererConfig, *, outbox_max_backoff_seconds: float = 30.0) -> RunningRenderer:
     require_auth_beyond_loopback(config.listen, config.auth)
+    ensure_writable_directory(config.output_dir, "RENDER_OUTPUT_DIR")
+    ensure_writable_directory(config.state_dir, "RENDER_STATE_DIR")
     removed = retention.remove_partials(config.output_dir, untouched_seconds=2 * config.stall_seconds)
     if removed:
         log.info("partial renders of an earlier process removed", extra={"count": removed})
