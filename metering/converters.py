@@ -60,6 +60,7 @@ def reserve_request(request: pb.CheckAndReserveRequest) -> ReserveRequest:
         format=request.format,
         duration_seconds=request.duration_seconds,
         resolution=request.resolution,
+        request_digest=request.request_digest,
     )
 
 

@@ -48,6 +48,7 @@ class ReserveRequest:
     format: str
     duration_seconds: float
     resolution: str
+    request_digest: str = ""  # the caller's digest of the rest of its request; empty: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,20 +62,24 @@ class NewExport:
     format: OutputFormat
     duration_seconds: float
     resolution: str
+    request_digest: str = ""
 
     def fingerprint(self) -> str:
-        """Identifies the request behind an idempotency key: same key + same fingerprint is a replay."""
-        canonical = json.dumps(
-            [
-                self.user_id,
-                self.project_id,
-                self.render_mode.value,
-                self.format.value,
-                repr(float(self.duration_seconds)),
-                self.resolution,
-            ],
-            separators=(",", ":"),
-        )
+        """Identifies the request behind an idempotency key: same key + same fingerprint is a replay.
+
+        The caller's `request_digest` counts only when it sent one, so a request without it has the
+        fingerprint it always had (the rows written before the digest existed still replay)."""
+        fields = [
+            self.user_id,
+            self.project_id,
+            self.render_mode.value,
+            self.format.value,
+            repr(float(self.duration_seconds)),
+            self.resolution,
+        ]
+        if self.request_digest:
+            fields.append(self.request_digest)
+        canonical = json.dumps(fields, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

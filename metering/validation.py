@@ -19,6 +19,7 @@ from metering.domain import (
 )
 
 MAX_ID_LENGTH = 128
+MAX_DIGEST_LENGTH = 128
 MAX_URI_LENGTH = 2048
 MAX_ERROR_BYTES = 4096
 MAX_DURATION_SECONDS = 24 * 3600.0  # a sanity bound on any video; tiers cap far lower
@@ -33,6 +34,7 @@ DEFAULT_STATS_DAYS = 30
 MAX_STATS_DAYS = 3660
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
 _RESOLUTION = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})\Z")  # \Z: `$` would let a trailing newline through
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
@@ -86,7 +88,19 @@ def new_export(request: ReserveRequest) -> NewExport:
         format=output_format,
         duration_seconds=float(duration),
         resolution=resolution(request.resolution),
+        request_digest=request_digest(request.request_digest),
     )
+
+
+def request_digest(value: str) -> str:
+    """The caller's digest of the rest of its request: optional (empty), else short printable ASCII."""
+    if len(value) > MAX_DIGEST_LENGTH:
+        raise errors.InvalidArgument(
+            "request_digest", f"must be at most {MAX_DIGEST_LENGTH} characters, got {len(value)}"
+        )
+    if not _PRINTABLE_ASCII.fullmatch(value):
+        raise errors.InvalidArgument("request_digest", "must be printable ASCII")
+    return value
 
 
 def resolution(value: str) -> str:

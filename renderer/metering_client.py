@@ -106,6 +106,7 @@ class GrpcMeteringClient:
                 format=request.format.value,
                 duration_seconds=composition.duration_seconds,
                 resolution=composition.resolution,
+                request_digest=request.digest(),
             ),
             once_more_if_stopping=True,
         )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import hashlib
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -24,6 +27,41 @@ class ReserveRequest:
     mode: RenderMode
     format: OutputFormat
     composition: Composition
+
+    def digest(self) -> str:
+        """CheckAndReserve's `request_digest`: sha256 (hex) of a canonical JSON of the composition, format and
+        mode, so that metering refuses the same idempotency key with another render (ALREADY_EXISTS) even where
+        this process never saw the first one (a restart, another renderer). Two requests that the job runner's
+        own replay check takes for the same (`==`) get the same digest: numbers count as floats (5 and 5.0, -0.0
+        and 0.0 are equal there too), and a field at its default is left out, so that a field added later with
+        a default changes no digest."""
+        canonical = json.dumps(
+            {"composition": _canonical(self.composition), "format": self.format.value, "mode": self.mode.value},
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=True,
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            item.name: _canonical(getattr(value, item.name))
+            for item in dataclasses.fields(value)
+            if item.default is dataclasses.MISSING or getattr(value, item.name) != item.default
+        }
+    if isinstance(value, tuple | list):
+        return [_canonical(item) for item in value]
+    if isinstance(value, enum.Enum):
+        return _canonical(value.value)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        return float(value) + 0.0  # + 0.0: -0.0 becomes 0.0
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"no canonical form for {type(value).__name__}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -100,6 +100,7 @@ def metering_requests(known_exports: list[str]) -> dict[str, st.SearchStrategy[A
                 st.sampled_from(["160x120", "1920x1080"]),
                 st.one_of(hostile_text, st.builds("{}x{}".format, hostile_int64, hostile_int64)),
             ),
+            "request_digest": (st.sampled_from(["", "0" * 64]), hostile_text),
         }),
         "Complete": message(pb.CompleteRequest, {
             "export_id": export_id,

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 from exportapi.metering.v1 import metering_pb2
-from renderer.domain import Composition, OutputFormat, RenderMode
+from renderer.domain import AudioLayer, Clip, Composition, OutputFormat, RenderMode, TextLayer
 from renderer.jobs import Draining, JobRunner, JobState, RenderRequest
 from renderer.lambda_backend import LambdaBackend, LambdaBackendConfig
 from renderer.local_backend import LocalBackend
 from renderer.metering_client import GrpcMeteringClient
+from renderer.metering_port import MeteringRejected, ReserveRequest
 from renderer.outbox import Outbox
 from tests.support.metering import metering_stub
 
@@ -138,3 +139,54 @@ async def test_a_shutdown_renders_and_closes_a_start_that_was_reserving_and_star
             await runner.start(small_render("too-late", "ivy"))
     assert job.state is JobState.SUCCEEDED
     assert await ledger_of(metering_target, "ivy") == [("reserving", metering_pb2.EXPORT_STATUS_COMPLETED)]
+
+
+async def test_the_same_key_with_another_composition_on_another_renderer_is_already_exists(
+    metering_target: str, tmp_path: Path
+) -> None:
+    """Two renderers share only metering. The request digest makes it refuse the same key with another
+    composition of the same length, size and format, while the first render is still RESERVED (before, the
+    second renderer rendered it under the first one's export) and after it finished; nothing renders for it."""
+    original = small_render("shared", "otto")
+    other = dataclasses.replace(original, composition=dataclasses.replace(original.composition, background="white"))
+    async with (
+        local_runner(metering_target, tmp_path / "one") as one,
+        local_runner(metering_target, tmp_path / "two") as two,
+    ):
+        job = await one.start(original)
+        with pytest.raises(MeteringRejected) as while_reserved:
+            await two.start(other)
+        await one.shutdown(30)  # the first render ends and its completion is sent
+        with pytest.raises(MeteringRejected) as after:
+            await two.start(other)
+        replayed = await two.start(original)
+        await two.shutdown(5)
+    for refusal in (while_reserved.value, after.value):
+        assert refusal.code_name == "ALREADY_EXISTS" and refusal.permanent
+        assert job.export_id in str(refusal)
+    assert (replayed.state, replayed.export_id) == (JobState.SUCCEEDED, job.export_id)
+    assert await ledger_of(metering_target, "otto") == [("shared", metering_pb2.EXPORT_STATUS_COMPLETED)]
+    assert len(list((tmp_path / "one" / "renders").iterdir())) == 1
+    assert not (tmp_path / "two" / "renders").exists() or not list((tmp_path / "two" / "renders").iterdir())
+
+
+def test_the_request_digest_is_stable_and_follows_the_runners_own_idea_of_the_same_request() -> None:
+    """Renderers of different versions and processes must agree on a request's digest, or their retries of one
+    render would be refused: the value is pinned, and requests equal for the job runner digest alike."""
+    def digest(composition: Composition, fmt: OutputFormat = OutputFormat.MP4) -> str:
+        return ReserveRequest("k", "u", "p", RenderMode.LOCAL, fmt, composition).digest()
+
+    base = Composition(
+        width=64, height=64, fps=5.0, duration_seconds=1.0, clips=(Clip(source="testsrc:"),),
+        texts=(TextLayer(text="hi", x=4),),
+    )
+    same = dataclasses.replace(base, fps=5, clips=(Clip(source="testsrc:", start=-0.0),))
+    assert same == base and digest(same) == digest(base)
+    assert digest(base) == "71a6592e1ec52d58af4ebb8690efaf014317b000776db3b2d41af3326c6308b5"
+    for changed in (
+        dataclasses.replace(base, texts=(TextLayer(text="ho", x=4),)),
+        dataclasses.replace(base, background="white"),
+        dataclasses.replace(base, audio=(AudioLayer(source="sine:440"),)),
+    ):
+        assert digest(changed) != digest(base)
+    assert digest(base, OutputFormat.GIF) != digest(base)

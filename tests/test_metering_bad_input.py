@@ -73,6 +73,9 @@ CASES = [
     ("CheckAndReserve", reserve(resolution="1920x1080\n"), "resolution"),
     ("CheckAndReserve", reserve(resolution="1920x1080x3"), "resolution"),
     ("CheckAndReserve", reserve(resolution=" 1920x1080"), "resolution"),
+    ("CheckAndReserve", reserve(request_digest="d" * 129), "request_digest"),
+    ("CheckAndReserve", reserve(request_digest="tab\there"), "request_digest"),
+    ("CheckAndReserve", reserve(request_digest="caf\u00e9"), "request_digest"),
     # Complete
     ("Complete", complete(export_id=""), "export_id"),
     ("Complete", complete(export_id="not-a-uuid"), "export_id"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +15,8 @@ import pytest
 from google.rpc import error_details_pb2
 
 from exportapi.metering.v1 import metering_pb2 as pb
+from metering import converters, errors, validation
+from metering.domain import NewExport
 from tests.support.metering import (
     FakeClock,
     metering_stub,
@@ -178,6 +182,105 @@ async def test_the_same_key_for_a_different_request_is_already_exists(
     assert other_format.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert not other_user.replayed and other_user.export_id != original.export_id
     assert len(await ledger_rows(database_url, "sam")) == 1
+
+
+def digested(request: pb.CheckAndReserveRequest, digest: str) -> pb.CheckAndReserveRequest:
+    request.request_digest = digest
+    return request
+
+
+def legacy_fingerprint(user: str, project: str, mode: str, fmt: str, seconds: float, resolution: str) -> str:
+    """The fingerprint as it was computed before `request_digest` existed (rows written then still replay)."""
+    canonical = json.dumps([user, project, mode, fmt, repr(float(seconds)), resolution], separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def test_the_same_key_with_another_request_digest_is_already_exists(
+    metering_target: str, database_url: str
+) -> None:
+    """The renderer sends a digest of the composition: the same key with another composition (same length,
+    size and format) is a different request, even for a renderer that never saw the first call."""
+    async with metering_stub(metering_target) as stub:
+        original = await stub.CheckAndReserve(digested(reserve_request("k", user="dora"), "composition-a"))
+        replay = await stub.CheckAndReserve(digested(reserve_request("k", user="dora"), "composition-a"))
+        clashes = []
+        for digest in ("composition-b", ""):
+            with pytest.raises(grpc.aio.AioRpcError) as clash:
+                await stub.CheckAndReserve(digested(reserve_request("k", user="dora"), digest))
+            clashes.append(clash.value)
+        # Without a digest, as before: replayed on the other fields alone; a digest added later is another request.
+        plain = await stub.CheckAndReserve(reserve_request("plain", user="dora"))
+        plain_replay = await stub.CheckAndReserve(reserve_request("plain", user="dora"))
+        with pytest.raises(grpc.aio.AioRpcError) as added:
+            await stub.CheckAndReserve(digested(reserve_request("plain", user="dora"), "composition-a"))
+    assert not original.replayed and replay.replayed and replay.export_id == original.export_id
+    for error in clashes:
+        assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert original.export_id in error.details()
+    assert not plain.replayed and plain_replay.replayed and plain_replay.export_id == plain.export_id
+    assert added.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    rows = {row["idempotency_key"]: row for row in await ledger_rows(database_url, "dora")}
+    assert sorted(rows) == ["k", "plain"]
+    assert rows["plain"]["request_fingerprint"] == legacy_fingerprint(
+        "dora", "project-1", "local", "mp4", 10.0, "160x120"
+    )
+    assert rows["k"]["request_fingerprint"] != legacy_fingerprint("dora", "project-1", "local", "mp4", 10.0, "160x120")
+
+
+async def test_request_digests_are_checked_in_a_batch_too(database_url: str) -> None:
+    """The batch path (several calls recorded in one transaction) stores and compares the same fingerprint as
+    a call alone: recorded in a batch, replayed from a batch, refused from a batch. `_reserve_batch` is called
+    directly, as the batcher calls it, so that each batch surely holds several calls."""
+
+    def new(key: str, user: str, digest: str = "") -> NewExport:
+        return validation.new_export(converters.reserve_request(digested(reserve_request(key, user=user), digest)))
+
+    async with start_metering(database_url) as metering:
+        core = metering.server.core
+        assert core is not None
+        first = await core._reserve_batch([new("f1", "filler-1"), new("k", "bea", "a"), new("p", "bea")])
+        second = await core._reserve_batch(
+            [new("f2", "filler-2"), new("k", "bea", "a"), new("p", "bea"), new("f3", "filler-3")]
+        )
+        third = await core._reserve_batch(
+            [new("f4", "filler-4"), new("k", "bea", "b"), new("p", "bea", "a"), new("f5", "filler-5")]
+        )
+        fourth = await core._reserve_batch([new("f6", "filler-6"), new("k", "bea")])
+    assert not any(isinstance(outcome, Exception) for outcome in (*first, *second))
+    keyed, plain = first[1].export.export_id, first[2].export.export_id  # type: ignore[union-attr]
+    assert not first[1].replayed and not first[2].replayed  # type: ignore[union-attr]
+    assert second[1].replayed and second[1].export.export_id == keyed  # type: ignore[union-attr]
+    assert second[2].replayed and second[2].export.export_id == plain  # type: ignore[union-attr]
+    for outcome, export_id in ((third[1], keyed), (third[2], plain), (fourth[1], keyed)):
+        assert isinstance(outcome, errors.AlreadyExists) and export_id in str(outcome), outcome
+    assert not isinstance(third[0], Exception) and not isinstance(fourth[0], Exception)
+    rows = {row["idempotency_key"]: row for row in await ledger_rows(database_url, "bea")}
+    assert sorted(rows) == ["k", "p"]
+    assert rows["p"]["request_fingerprint"] == legacy_fingerprint("bea", "project-1", "local", "mp4", 10.0, "160x120")
+
+
+async def test_concurrent_calls_with_one_key_and_two_digests_make_one_export(
+    metering_target: str, database_url: str
+) -> None:
+    """Whichever digest is recorded first wins: its calls get that export, the other digest's calls
+    ALREADY_EXISTS, whether each call was recorded alone or in a batch with others' reservations."""
+    async with metering_stub(metering_target) as stub:
+        calls = []
+        for n in range(12):
+            calls.append(stub.CheckAndReserve(digested(reserve_request("same", user="cleo"), "ab"[n % 2])))
+            calls.append(stub.CheckAndReserve(reserve_request("own", user=f"crowd-{n}")))
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    mine = outcomes[0::2]
+    granted = [(n, o) for n, o in enumerate(mine) if isinstance(o, pb.CheckAndReserveResponse)]
+    refused = [(n, o) for n, o in enumerate(mine) if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(granted) + len(refused) == 12, mine
+    assert len({o.export_id for _, o in granted}) == 1
+    assert sum(not o.replayed for _, o in granted) == 1
+    assert len({n % 2 for n, _ in granted}) == 1  # one digest only
+    assert {n % 2 for n, _ in refused} == {1 - granted[0][0] % 2}
+    assert all(o.code() == grpc.StatusCode.ALREADY_EXISTS for _, o in refused)
+    assert all(isinstance(o, pb.CheckAndReserveResponse) for o in outcomes[1::2])
+    assert len(await ledger_rows(database_url, "cleo")) == 1
 
 
 async def test_twenty_concurrent_replays_of_one_key_make_one_export(

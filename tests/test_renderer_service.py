@@ -246,6 +246,33 @@ async def test_a_retry_after_a_renderer_restart_reports_the_finished_render_with
     assert len(exports) == 1
 
 
+async def test_the_same_key_with_another_composition_after_a_restart_is_already_exists(
+    metering_target: str, tmp_path: Path
+) -> None:
+    """The restarted renderer has forgotten the first request; metering has not, through the request digest:
+    another composition of the same length, size and format under the same key is ALREADY_EXISTS (not the
+    first render's result), nothing is rendered, and the first request itself still replays."""
+    async with start_renderer(metering_target, tmp_path) as first, renderer_stub(first.target) as stub:
+        finished = await wait_terminal(stub, (await stub.StartRender(start_request("reused", user="hal"))).job_id)
+    other = start_request("reused", user="hal", background="white")
+    async with (
+        start_renderer(metering_target, tmp_path) as second,
+        renderer_stub(second.target) as stub,
+        metering_stub(metering_target) as metering,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as conflict:
+            await stub.StartRender(other)
+        again = await stub.StartRender(start_request("reused", user="hal"))
+        exports = await exports_of(metering, "hal")
+
+    assert conflict.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "idempotency_key 'reused'" in conflict.value.details()
+    assert "different request" in conflict.value.details()
+    assert (again.state, again.export_id, again.output_uri) == (Job.SUCCEEDED, finished.export_id, finished.output_uri)
+    assert len(exports) == 1
+    assert [path.name for path in (tmp_path / "renders").iterdir()] == [Path(urlparse(finished.output_uri).path).name]
+
+
 async def test_metering_unreachable_means_unavailable_and_nothing_rendered(tmp_path: Path) -> None:
     async with start_renderer("127.0.0.1:1", tmp_path) as running, renderer_stub(running.target) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as refused:

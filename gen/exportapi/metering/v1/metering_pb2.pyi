@@ -207,6 +207,7 @@ class CheckAndReserveRequest(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     DURATION_SECONDS_FIELD_NUMBER: _builtins.int
     RESOLUTION_FIELD_NUMBER: _builtins.int
+    REQUEST_DIGEST_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Chosen by the caller; a replay with the same key returns the original reservation."""
     user_id: _builtins.str
@@ -215,6 +216,12 @@ class CheckAndReserveRequest(_message.Message):
     format: _builtins.str
     duration_seconds: _builtins.float
     resolution: _builtins.str
+    request_digest: _builtins.str
+    """Optional: a digest of everything else the caller's request contains (for the renderer: the composition
+    and output settings); a replay with the same idempotency key must carry the same digest, or it is
+    ALREADY_EXISTS. At most 128 printable ASCII characters; empty: none (the replay check then covers only
+    the fields above, as before this field existed).
+    """
     def __init__(
         self,
         *,
@@ -225,10 +232,11 @@ class CheckAndReserveRequest(_message.Message):
         format: _builtins.str = ...,
         duration_seconds: _builtins.float = ...,
         resolution: _builtins.str = ...,
+        request_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_seconds", b"duration_seconds", "format", b"format", "idempotency_key", b"idempotency_key", "project_id", b"project_id", "render_mode", b"render_mode", "resolution", b"resolution", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_seconds", b"duration_seconds", "format", b"format", "idempotency_key", b"idempotency_key", "project_id", b"project_id", "render_mode", b"render_mode", "request_digest", b"request_digest", "resolution", b"resolution", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
