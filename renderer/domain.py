@@ -10,6 +10,7 @@ import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from fractions import Fraction
 from typing import Protocol
 
 
@@ -43,6 +44,11 @@ class TextLayer:
     color: str = "white"
 
 
+def fps_fraction(fps: float) -> Fraction:
+    """A composition's rate as an exact fraction (29.97 -> 2997/100), how ffmpeg is told it."""
+    return Fraction(str(fps)).limit_denominator(1001)
+
+
 @dataclass(frozen=True, slots=True)
 class AudioLayer:
     source: str
@@ -64,6 +70,13 @@ class Composition:
     @property
     def frames_total(self) -> int:
         return round(self.duration_seconds * self.fps)
+
+    @property
+    def sounding_audio(self) -> tuple[AudioLayer, ...]:
+        """The audio layers that start before the end (its length in whole frames). One that starts later is
+        silent: every render leaves it out, whole or in chunks (and with none left there is no audio track)."""
+        end = Fraction(self.frames_total) / fps_fraction(self.fps)
+        return tuple(layer for layer in self.audio if layer.start < end)
 
     @property
     def resolution(self) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import ffmpeg
 
-from renderer.domain import Composition, OutputFormat
+from renderer.domain import Composition, OutputFormat, fps_fraction
 from renderer.sources import GeneratedColor, GeneratedSine, GeneratedTestPattern, LocalFile, ResolvedSource
 from renderer.validation import parse_color
 
@@ -89,11 +89,6 @@ class FfmpegCommand:
         if "-filter_complex" in self.args:
             return self.args[self.args.index("-filter_complex") + 1]
         return ""
-
-
-def fps_fraction(fps: float) -> Fraction:
-    """The composition's rate as an exact fraction (29.97 -> 2997/100), how ffmpeg is told it."""
-    return Fraction(str(fps)).limit_denominator(1001)
 
 
 def frame_at_or_after(seconds: float, rate: Fraction) -> int:
@@ -171,8 +166,8 @@ def build_audio(
     settings: EncoderSettings = DEFAULT_SETTINGS,
 ) -> FfmpegCommand:
     """The composition's whole audio track, AAC in an .m4a, exactly the composition's length."""
-    if not c.audio:
-        raise ValueError("the composition has no audio layers")
+    if not c.sounding_audio:
+        raise ValueError("the composition has no audio layers that sound")
     graph = _Graph(c, sources, workdir, first_frame=0, frame_count=c.frames_total)
     audio = graph.audio(settings.audio_sample_rate)
     assert audio is not None
@@ -350,9 +345,9 @@ class _Graph:
         total_samples = round(total_seconds * sample_rate)
         layers = []
         for index, layer in enumerate(c.audio):
-            available = float(total_seconds) - layer.start
-            if available <= 0:
+            if layer.start >= total_seconds:  # silent (Composition.sounding_audio)
                 continue
+            available = float(total_seconds) - layer.start
             source = self.sources[layer.source]
             match source:
                 case GeneratedSine(frequency_hz):

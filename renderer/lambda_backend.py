@@ -346,6 +346,7 @@ class LambdaBackend:
     ) -> dict[str, Any]:
         composition = assignment.composition
         chunks = plan_chunks(composition.frames_total, composition.fps, self.config.chunk_seconds)
+        with_audio = bool(composition.sounding_audio)
         slots = asyncio.Semaphore(self.config.max_concurrency)
         done = 0
         frames_done = 0
@@ -370,14 +371,14 @@ class LambdaBackend:
         # A TaskGroup cancels the siblings of the first failure. Audio first: it is one long invocation.
         try:
             async with asyncio.TaskGroup() as group:
-                if composition.audio:
+                if with_audio:
                     group.create_task(limited(self._base_event(ACTION_AUDIO, assignment)))
                 for chunk in chunks:
                     group.create_task(render_chunk(chunk))
         except ExceptionGroup as failures:
             raise _first_render_error(failures) from None
         join = self._base_event(ACTION_JOIN, assignment)
-        join.update(chunk_count=len(chunks), with_audio=bool(composition.audio))
+        join.update(chunk_count=len(chunks), with_audio=with_audio)
         return await limited(join)
 
     def _output(self, answer: Any, assignment: RenderAssignment) -> RenderOutput:

@@ -149,10 +149,10 @@ def parse_event(event: Any, environ: dict[str, str] | os._Environ[str] = os.envi
         fields = {"chunk_count": _int_field(event, "chunk_count"), "with_audio": bool(event.get("with_audio"))}
         if not 1 <= fields["chunk_count"] <= MAX_CHUNKS:
             raise InvalidArgument("event.chunk_count", f"must be 1..{MAX_CHUNKS}")
-        if fields["with_audio"] and not composition.audio:
-            raise InvalidArgument("event.with_audio", "the composition has no audio layers")
-    elif action == ACTION_AUDIO and not composition.audio:
-        raise InvalidArgument("event.action", "the composition has no audio layers")
+        if fields["with_audio"] and not composition.sounding_audio:
+            raise InvalidArgument("event.with_audio", "the composition has no audio layers that sound")
+    elif action == ACTION_AUDIO and not composition.sounding_audio:
+        raise InvalidArgument("event.action", "the composition has no audio layers that sound")
     return HandlerRequest(action, bucket, keys, output_format, composition, **fields)
 
 

@@ -6,6 +6,7 @@ Renders are tiny (160x120, 10 fps) and short; a "long" video is 3 s with 1 s chu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import uuid
 from collections.abc import AsyncIterator
@@ -153,6 +154,21 @@ async def test_a_long_mp4_fans_out_and_comes_back_whole(env: LambdaEnv, tmp_path
     assert chunk_steps[0] == (0, 3) and chunk_steps[-1] == (3, 3)
     assert [done for done, _ in chunk_steps] == sorted(done for done, _ in chunk_steps)
     assert keys_under(env, f"renders/_parts/{job.export_id}/") == []  # the join removed its parts
+
+
+async def test_an_audio_layer_that_starts_in_the_last_part_of_a_frame_is_silent_in_chunks_too(
+    env: LambdaEnv, tmp_path: Path
+) -> None:
+    # 3.04 s at 10 fps is 30 whole frames, 3.0 s: a layer starting at 3.02 never sounds. A render in one piece
+    # leaves it out; in chunks, its audio invocation had nothing to mix and failed the whole render.
+    composition = dataclasses.replace(tiny(3.04), audio=(AudioLayer("sine:440", 3.02, 0.5),))
+    assert composition.sounding_audio == ()
+    output = await backend_for(env, max_concurrency=2).render(assignment(composition), Recorder())
+
+    info = measure(fetch(env, output.uri, tmp_path))
+    assert info.frames == output.frames == 30 and info.audio is None
+    state = await env.state()
+    assert state["stats"]["invocations"] == {env.function_name: 4}  # 3 chunks and the join: no audio track
 
 
 def dominant(path: Path, frame: int) -> str:
