@@ -31,6 +31,7 @@ from renderer.domain import (
     RenderOutput,
     Reservation,
 )
+from renderer.errors import InvalidArgument
 from renderer.metering_port import (
     ClosedExport,
     Completion,
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 2000
 # Terminal jobs kept for GetRender/WatchRender after they end.
 RETAINED_FINISHED_JOBS = 10_000
+# While metering cannot be reached, a render's heartbeat retries after 1, 2, 4 ... at most 15 seconds.
+HEARTBEAT_RETRY_FIRST_SECONDS = 1.0
+HEARTBEAT_RETRY_MAX_SECONDS = 15.0
 
 
 class JobState(enum.StrEnum):
@@ -184,7 +188,7 @@ class JobRunner:
         self._slots = asyncio.Semaphore(concurrency)
         self._capacity = None if max_waiting is None else concurrency + max_waiting
         self._unfinished: set[asyncio.Task[None]] = set()  # renders queued or running
-        self._starting: set[asyncio.Future[str]] = set()  # starts reserving with metering: renders to be
+        self._starting: set[asyncio.Task[str]] = set()  # starts reserving with metering: renders to be
         self._clock = clock
         self._on_transition = on_transition
         self._entries: dict[str, _Entry] = {}
@@ -202,7 +206,6 @@ class JobRunner:
         backend = self._backends.get(mode)
         if backend is None:
             raise BackendUnavailable(f"{mode.value} rendering is not configured on this renderer")
-        backend.check(request.composition)  # unreadable sources are the caller's error, before any quota is used
         key = (request.user_id, request.idempotency_key)
         pending = self._by_key.get(key)
         if pending is not None:
@@ -222,20 +225,25 @@ class JobRunner:
             raise Busy(
                 f"this renderer is full ({taken} renders running or waiting); start it on another renderer or later"
             )
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._by_key[key] = future
-        self._starting.add(future)
-        try:
-            job_id = await self._reserve_and_queue(dataclasses.replace(request, mode=mode), mode)
-        except BaseException as error:
-            del self._by_key[key]
-            future.set_exception(error if isinstance(error, Exception) else asyncio.CancelledError())
-            future.exception()  # a replay waiting on it sees the error; nobody else must log it as unretrieved
-            raise
-        finally:
-            self._starting.discard(future)
-        future.set_result(job_id)
+        # After the replay above: a retry of a render started here gets its job even if a source is gone since.
+        backend.check(request.composition)  # unreadable sources are the caller's error, before any quota is used
+        # Its own task, shielded: a caller that gives up (deadline, cancel) while metering reserves does not
+        # abandon a reservation that may be committed already; it becomes a job, which a retry with the same
+        # key finds (as in a drain), instead of an export held RESERVED until its lease runs out.
+        starting = asyncio.create_task(
+            self._reserve_and_queue(dataclasses.replace(request, mode=mode), mode), name=f"start {key}"
+        )
+        self._by_key[key] = starting
+        self._starting.add(starting)
+        starting.add_done_callback(lambda task: self._started(key, task))
+        job_id = await asyncio.shield(starting)
         return self._entries[job_id].job
+
+    def _started(self, key: tuple[str, str], task: asyncio.Task[str]) -> None:
+        self._starting.discard(task)
+        if task.cancelled() or task.exception() is not None:  # retrieved: its caller may have gone
+            if self._by_key.get(key) is task:
+                del self._by_key[key]  # a later start with this key tries again
 
     def get(self, job_id: str) -> Job:
         entry = self._entries.get(job_id)
@@ -357,7 +365,9 @@ class JobRunner:
                 output = await backend.render(assignment, lambda p: self._progress(entry, p))
         except asyncio.CancelledError:
             await self._close(entry, JobState.CANCELLED, Outcome.CANCELLED, started, error="cancelled")
-        except RenderError as error:
+        except (RenderError, InvalidArgument) as error:
+            # InvalidArgument here: a source checked at start that is gone or refused now (a deleted file, a
+            # mistyped s3 key, which only the fetch finds): the caller's error, named by its field, not a crash.
             await self._close(entry, JobState.FAILED, Outcome.FAILED, started, error=str(error))
         except Exception as error:  # a bug must still close the export, never leave it RESERVED
             log.exception("render crashed", extra={"job_id": entry.job.job_id})
@@ -425,9 +435,13 @@ class JobRunner:
     async def _heartbeat(self, reservation: Reservation) -> None:
         """Keep the reservation's lease alive while the job is queued or rendering."""
         lease_expires_at = reservation.lease_expires_at
+        failures = 0
         while True:
-            remaining = (lease_expires_at - self._clock()).total_seconds()
-            await asyncio.sleep(max(0.2, remaining / 3))
+            if failures:  # metering unreachable: back off (1, 2, 4 ... 15 s), not a retry every 0.2 s per render
+                delay = min(HEARTBEAT_RETRY_MAX_SECONDS, HEARTBEAT_RETRY_FIRST_SECONDS * 2 ** (failures - 1))
+            else:
+                delay = max(0.2, (lease_expires_at - self._clock()).total_seconds() / 3)
+            await asyncio.sleep(delay)
             try:
                 lease_expires_at = await self._metering.extend(reservation.export_id)
             except MeteringRejected as error:
@@ -436,8 +450,13 @@ class JobRunner:
                 if error.permanent:
                     return
             except MeteringError as error:
-                log.warning("heartbeat failed", extra={"export_id": reservation.export_id, "error": str(error)})
-                lease_expires_at = self._clock()  # try again soon
+                failures += 1
+                if failures == 1:  # one line when it starts failing, one when it recovers
+                    log.warning("heartbeat failed", extra={"export_id": reservation.export_id, "error": str(error)})
+            else:
+                if failures:
+                    log.info("heartbeat restored", extra={"export_id": reservation.export_id, "failures": failures})
+                failures = 0
 
     def _progress(self, entry: _Entry, progress: Progress) -> None:
         if entry.job.state.terminal:

@@ -11,20 +11,33 @@ import ast
 import asyncio
 import contextlib
 import dataclasses
+import logging
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from exportapi.metering.v1 import metering_pb2
-from renderer.domain import AudioLayer, Clip, Composition, OutputFormat, RenderMode, TextLayer
+from renderer.domain import (
+    AudioLayer,
+    Clip,
+    Composition,
+    OutputFormat,
+    RenderAssignment,
+    RenderMode,
+    RenderOutput,
+    TextLayer,
+)
+from renderer.ffmpeg_graph import ffmpeg_exe
 from renderer.jobs import Draining, JobRunner, JobState, RenderRequest
 from renderer.lambda_backend import LambdaBackend, LambdaBackendConfig
 from renderer.local_backend import LocalBackend
 from renderer.metering_client import GrpcMeteringClient
-from renderer.metering_port import MeteringRejected, ReserveRequest
+from renderer.metering_port import MeteringRejected, MeteringUnavailable, ReserveRequest
 from renderer.outbox import Outbox
-from tests.support.metering import metering_stub
+from tests.support.metering import metering_stub, start_metering
 
 RENDERER = Path(__file__).resolve().parent.parent / "renderer"
 
@@ -190,3 +203,122 @@ def test_the_request_digest_is_stable_and_follows_the_runners_own_idea_of_the_sa
     ):
         assert digest(changed) != digest(base)
     assert digest(base, OutputFormat.GIF) != digest(base)
+
+
+async def test_a_start_whose_caller_gives_up_while_reserving_still_becomes_its_job(
+    metering_target: str, tmp_path: Path
+) -> None:
+    """A caller's deadline or cancel can land while metering is reserving, after metering committed: the
+    reservation must not be abandoned RESERVED until its lease runs out (before, the call to metering was
+    cancelled half-way). It becomes a job, rendered and closed even if nobody asks again, and a retry with
+    the same key gets that job."""
+    async with local_runner(metering_target, tmp_path) as runner:
+        caller = asyncio.create_task(runner.start(small_render("gave-up", "una")))
+        await asyncio.sleep(0)  # the start is waiting for metering's answer
+        caller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await caller
+        await runner.shutdown(30)  # nobody retries: the drain finds the start, then its render
+        retried = await runner.start(small_render("gave-up", "una"))  # a replay, answered while draining
+    assert retried.state is JobState.SUCCEEDED
+    assert await ledger_of(metering_target, "una") == [("gave-up", metering_pb2.EXPORT_STATUS_COMPLETED)]
+
+
+async def test_a_source_gone_after_its_start_fails_the_render_naming_it_and_a_retry_still_gets_the_job(
+    metering_target: str, tmp_path: Path
+) -> None:
+    """Sources are checked at start; one removed before the render reads it fails that render with the field
+    named (the caller's error, not "internal error" with a crash logged), and the export is closed FAILED. A
+    retry of the same start is a replay: it gets the job, not INVALID_ARGUMENT for the source now missing."""
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    picture = assets / "picture.png"
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "color=c=red:s=32x32:d=0.1", "-frames:v", "1",
+         str(picture)],
+        check=True,
+    )
+    client = GrpcMeteringClient(metering_target, timeout_seconds=5.0)
+    outbox = Outbox(tmp_path / "state" / "outbox.sqlite3", client.complete)
+    outbox.start()
+    backend = LocalBackend(tmp_path / "renders", asset_roots=[assets])
+    runner = JobRunner(client, outbox, {RenderMode.LOCAL: backend}, concurrency=1)
+    try:
+        # One slot, taken by a longer render: the second waits for it, its source not read yet.
+        busy = dataclasses.replace(small_render("busy", "vic"), composition=Composition(
+            width=320, height=240, fps=25.0, duration_seconds=20.0, clips=(Clip("testsrc:", 0, 0, 20.0),)
+        ))
+        await runner.start(busy)
+        request = dataclasses.replace(small_render("picture", "vic"), composition=Composition(
+            width=64, height=64, fps=5.0, duration_seconds=1.0, clips=(Clip("picture.png", 0, 0, 1.0),)
+        ))
+        job = await runner.start(request)
+        picture.unlink()
+        await runner.shutdown(60)
+        failed = runner.get(job.job_id)
+        retried = await runner.start(request)
+    finally:
+        await outbox.close()
+        await client.close()
+    assert failed.state is JobState.FAILED
+    assert failed.error.startswith("composition.clips[0].source:") and "internal error" not in failed.error
+    assert retried.job_id == job.job_id
+    ledger = dict(await ledger_of(metering_target, "vic"))
+    assert ledger["picture"] == metering_pb2.EXPORT_STATUS_FAILED
+
+
+class _SlowBackend:
+    """Stands in for a render that takes `seconds` (no ffmpeg): the heartbeat's timing is what is tested."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def check(self, composition: Composition) -> None:
+        pass
+
+    async def render(self, assignment: RenderAssignment, on_progress: object) -> RenderOutput:
+        await asyncio.sleep(self.seconds)
+        return RenderOutput(uri="file:///nowhere.mp4", file_size_bytes=1, duration_seconds=1.0, frames=5)
+
+
+class _ExtendFails:
+    """The real metering client, with ExtendReservation failing as when metering cannot be reached."""
+
+    def __init__(self, client: GrpcMeteringClient) -> None:
+        self._client = client
+        self.extend_calls = 0
+
+    async def reserve(self, request: ReserveRequest) -> Any:
+        return await self._client.reserve(request)
+
+    async def extend(self, export_id: str) -> Any:
+        self.extend_calls += 1
+        raise MeteringUnavailable("metering at 127.0.0.1:1 is unreachable (injected)")
+
+    async def complete(self, completion: Any) -> Any:
+        return await self._client.complete(completion)
+
+
+async def test_while_metering_cannot_be_reached_the_heartbeat_backs_off_and_warns_once(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, a failed heartbeat was retried every 0.2 s with a warning each time: for every running or
+    queued render, five lines a second for as long as metering was away."""
+    async with start_metering(database_url, lease_seconds=1.0) as metering:
+        client = GrpcMeteringClient(metering.target, timeout_seconds=5.0)
+        away = _ExtendFails(client)
+        outbox = Outbox(tmp_path / "outbox.sqlite3", client.complete)
+        outbox.start()
+        try:
+            runner = JobRunner(away, outbox, {RenderMode.LOCAL: _SlowBackend(3.6)})  # type: ignore[arg-type]
+            with caplog.at_level(logging.INFO, logger="renderer.jobs"):
+                job = await runner.start(small_render("heartbeat", "wes"))
+                await runner.shutdown(30)
+        finally:
+            await outbox.close()
+            await client.close()
+    warnings = [r for r in caplog.records if r.getMessage() == "heartbeat failed"]
+    # At a third of the 1 s lease, then 1 s and 2 s later: three tries in 3.6 s (before: about sixteen).
+    assert 2 <= away.extend_calls <= 4, away.extend_calls
+    assert len(warnings) == 1
+    assert runner.get(job.job_id).state is JobState.SUCCEEDED
