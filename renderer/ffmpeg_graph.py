@@ -15,7 +15,8 @@ Builders, all pure apart from writing the text files into `workdir`:
   build_join         chunk files concatenated with the concat demuxer (no re-encode) + the audio track
 
 Timing: frame i of the composition is at i / fps. A layer covers the frames whose time lies in
-[start, end), so chunked and whole renders agree frame for frame. When a composition has no audio layers
+[start, end), so chunked and whole renders agree frame for frame, except the testsrc2 pattern, which starts
+afresh in each chunk (see `_clip_stream`). When a composition has no audio layers
 the output has no audio track (mp4/webm included): simplest, and a player treats it as silent.
 """
 
@@ -305,10 +306,12 @@ class _Graph:
         rate = _rate(self.rate)
         match source:
             case GeneratedTestPattern():
-                # No seeking in a generator: render from 0 and drop what precedes the offset.
-                stream = _source(
-                    "testsrc2", s=f"{c.width}x{c.height}", r=rate, d=_num(offset + self._seconds(frames + 1))
-                ).filter("trim", start=_num(offset))
+                # Only this layer's frames, never the offset's: testsrc2 has no start option and draws its own
+                # frame counter, so reaching an offset meant generating (and dropping) every frame before it,
+                # work proportional to trim_start (up to a day of frames) or to a chunk's place in the render.
+                # The pattern (moving parts, clock, counter) is decoration: it starts from 0 at the layer's first
+                # frame in this render (in a chunked render, the chunk's first), whatever trim_start says.
+                stream = _source("testsrc2", s=f"{c.width}x{c.height}", r=rate, d=length)
             case GeneratedColor(hex_rgb):
                 stream = _source("color", c=f"0x{hex_rgb}", s=f"{c.width}x{c.height}", r=rate, d=length)
             case LocalFile(path, demuxer, is_image) if is_image:

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -35,7 +36,7 @@ from renderer.ffmpeg_graph import build_render, build_video_chunk, ffmpeg_exe
 from renderer.ffmpeg_run import join_chunks, render_audio_track, render_composition, render_video_chunk, run_ffmpeg
 from renderer.local_backend import LocalBackend
 from renderer.media import decode_frame_rgb, measure, measure_async
-from renderer.sources import GeneratedTestPattern, SourceResolver
+from renderer.sources import GeneratedColor, GeneratedSine, GeneratedTestPattern, LocalFile, SourceResolver
 
 NAVY = (0, 0, 128)
 RED = (255, 0, 0)
@@ -275,9 +276,15 @@ async def test_hostile_text_renders_literally(tmp_path: Path, text: str) -> None
 
 
 async def test_chunks_concat_with_audio_have_exactly_the_frames_of_the_whole(tmp_path: Path, assets: Path) -> None:
+    # The test pattern stays inside the first chunk: its drawn clock restarts in each chunk (see
+    # test_a_chunk_in_the_middle_of_a_test_pattern_starts_the_pattern_afresh); the other layers cross boundaries.
     c = tiny(
         2.0,
-        clips=(Clip("testsrc:", start=0.3, duration=1.2), Clip("red_then_blue.mp4", start=1.1, duration=0.5)),
+        clips=(
+            Clip("testsrc:", start=0.3, duration=0.4),
+            Clip("color:green", start=0.6, duration=0.4),
+            Clip("red_then_blue.mp4", start=1.1, duration=0.5),
+        ),
         texts=(TextLayer("chunked", start=0.5, end=1.7, x=4, y=4, font_size=16),),
         audio=(AudioLayer("sine:440", volume=0.5), AudioLayer("tone.wav", start=0.7)),
     )
@@ -334,6 +341,92 @@ def test_every_chunk_is_encoded_with_the_same_settings_and_starts_on_a_keyframe(
     assert args[args.index("-force_key_frames") + 1] == "expr:eq(n,0)" and "+cgop" in args and "-an" in args
     with pytest.raises(ValueError):
         build_video_chunk(c, 15, 6, tmp_path / "x.mp4", sources, workdir=tmp_path)
+
+
+# A day into a generated source, at the largest size and rate: ffmpeg must not be asked for the day's frames.
+_FAR = 86400.0
+_FAR_SOURCES = {
+    "testsrc:": GeneratedTestPattern(),
+    "color:red": GeneratedColor("ff0000"),
+    "still.png": LocalFile(Path("/nonexistent/still.png"), "image2", True),
+    "sine:440": GeneratedSine(440.0),
+}
+
+
+def _far_composition(seconds: float) -> Composition:
+    return Composition(
+        width=3840, height=2160, fps=60, duration_seconds=seconds,
+        clips=tuple(Clip(source, trim_start=_FAR) for source in ("testsrc:", "color:red", "still.png")),
+        audio=(AudioLayer("sine:440"),),
+    )
+
+
+def _generated_seconds(args: list[str]) -> list[float]:
+    """Every length ffmpeg is asked to generate or read: source filters' `d=`, inputs' `-t`."""
+    graph = args[args.index("-filter_complex") + 1]
+    lengths = [float(m) for m in re.findall(r"(?:^|[;\]])(?:testsrc2|color|sine)=(?:[^;\[]*:)?d=([0-9.]+)", graph)]
+    lengths += [float(args[i + 1]) for i, arg in enumerate(args) if arg == "-t"]
+    return lengths
+
+
+@pytest.mark.parametrize(
+    ("seconds", "first", "count"),
+    [(1.0, None, 60), (3600.0, 215_400, 600)],
+    ids=["whole-render", "last-chunk-of-an-hour"],
+)
+def test_trim_start_on_generated_sources_and_images_asks_for_no_frames_before_it(
+    tmp_path: Path, seconds: float, first: int | None, count: int
+) -> None:
+    """testsrc2 has no start option: the graph once generated `trim_start` + the clip's time of frames and
+    dropped all but the last (5,184,000 4K frames for trim_start = 1 day). Every generated source and image
+    now produces only the frames of the render's window (a chunk: its own, not those before it)."""
+    c = _far_composition(seconds)
+    if first is None:
+        command = build_render(c, OutputFormat.MP4, tmp_path / "o.mp4", _FAR_SOURCES, workdir=tmp_path)
+    else:
+        command = build_video_chunk(c, first, count, tmp_path / "o.mp4", _FAR_SOURCES, workdir=tmp_path)
+    lengths = _generated_seconds(command.args)
+    # background + testsrc2 + color + the image's -t (+ sine in a whole render)
+    assert len(lengths) == (5 if first is None else 4), command.args
+    assert max(lengths) <= (count + 1) / 60 + 1e-6, lengths
+    assert "trim=start" not in command.filter_graph
+
+
+@pytest.mark.timeout(60)
+async def test_a_test_pattern_a_day_into_its_source_renders_at_once(tmp_path: Path) -> None:
+    """Before, ffmpeg generated 864,000 frames to throw away (and a chunk at the end of an hour-long
+    composition 900,000) before the first useful one."""
+    resolver = SourceResolver()
+    c = tiny(1.0, clips=(Clip("testsrc:", trim_start=_FAR),))
+    await render_composition(c, OutputFormat.MP4, tmp_path / "whole.mp4", resolver=resolver)
+    assert measure(tmp_path / "whole.mp4").frames == 10
+
+    hour = tiny(3600.0, clips=(Clip("testsrc:", trim_start=_FAR),))
+    await render_video_chunk(hour, 35_990, 10, tmp_path / "chunk.mp4", resolver=resolver)
+    assert measure(tmp_path / "chunk.mp4").frames == 10
+
+
+def _quadrant_means(frame: tuple[int, int, bytes]) -> list[tuple[float, float, float]]:
+    return [mean_rgb(frame, x, y, x + 80, y + 60) for x in (0, 80) for y in (0, 60)]
+
+
+async def test_a_chunk_in_the_middle_of_a_test_pattern_starts_the_pattern_afresh(tmp_path: Path) -> None:
+    """The price of generating only a chunk's own frames: testsrc2 draws its own clock and counter, so each
+    chunk's pattern starts where a whole render's starts (and trim_start does not move it)."""
+    resolver = SourceResolver()
+    c = tiny(2.0, clips=(Clip("testsrc:"),))
+    await render_composition(c, OutputFormat.MP4, tmp_path / "whole.mp4", resolver=resolver)
+    await render_video_chunk(c, 10, 10, tmp_path / "second.mp4", resolver=resolver)
+    trimmed = tiny(1.0, clips=(Clip("testsrc:", trim_start=5.0),))
+    await render_composition(trimmed, OutputFormat.MP4, tmp_path / "trimmed.mp4", resolver=resolver)
+
+    start = _quadrant_means(decode_frame_rgb(tmp_path / "whole.mp4", 0))
+    for name in ("second.mp4", "trimmed.mp4"):
+        frame = _quadrant_means(decode_frame_rgb(tmp_path / name, 0))
+        assert all(near(a, b, tolerance=6) for a, b in zip(frame, start, strict=True)), name
+    # and the pattern does move: the whole render's frame 10 is not its frame 0
+    later = _quadrant_means(decode_frame_rgb(tmp_path / "whole.mp4", 10))
+    assert not all(near(a, b, tolerance=6) for a, b in zip(later, start, strict=True))
 
 
 async def test_generated_sources_are_filters_inside_the_graph_never_lavfi_inputs(tmp_path: Path) -> None:
