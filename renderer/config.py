@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,7 +112,9 @@ class RendererConfig:
             concurrency=concurrency,
             max_waiting=_int(env, "RENDER_MAX_WAITING", 4 * concurrency, minimum=0, maximum=100_000),
             asset_roots=roots,
-            source_buckets=_bucket_names("RENDER_SOURCE_BUCKETS", parse_buckets(env.get("RENDER_SOURCE_BUCKETS"))),
+            source_buckets=frozenset(
+                _bucket_name("RENDER_SOURCE_BUCKETS", name) for name in parse_buckets(env.get("RENDER_SOURCE_BUCKETS"))
+            ),
             stall_seconds=_float(env, "RENDER_STALL_SECONDS", 60.0, minimum=1.0),
             shutdown_grace_seconds=_float(env, "RENDER_SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0),
             output_retention_hours=_float(env, "RENDER_OUTPUT_RETENTION_HOURS", 0.0, minimum=0.0),
@@ -157,7 +159,7 @@ def _lambda_settings(env: Mapping[str, str]) -> LambdaSettings | None:
         raise ConfigError("LAMBDA_FUNCTION_NAME and RENDER_BUCKET go together: set both or neither")
     return LambdaSettings(
         function_name=function_name,
-        bucket=next(iter(_bucket_names("RENDER_BUCKET", [bucket]))),
+        bucket=_bucket_name("RENDER_BUCKET", bucket),
         chunk_seconds=_float(env, "RENDER_LAMBDA_CHUNK_SECONDS", 10.0, minimum=0.5),
         max_concurrency=_int(env, "RENDER_LAMBDA_MAX_CONCURRENCY", 8, minimum=1, maximum=1000),
         timeout_seconds=_float(env, "RENDER_LAMBDA_TIMEOUT_SECONDS", 900.0, minimum=1.0),
@@ -166,14 +168,12 @@ def _lambda_settings(env: Mapping[str, str]) -> LambdaSettings | None:
     )
 
 
-def _bucket_names(variable: str, names: Iterable[str]) -> frozenset[str]:
-    names = frozenset(names)
-    for name in sorted(names):
-        if not _BUCKET_NAME.match(name) or ".." in name:
-            raise ConfigError(
-                f"{variable}: {name!r} is not an S3 bucket name (3-63 of a-z, 0-9, '.' and '-'; no s3:// or path)"
-            )
-    return names
+def _bucket_name(variable: str, name: str) -> str:
+    if not _BUCKET_NAME.match(name) or ".." in name:
+        raise ConfigError(
+            f"{variable}: {name!r} is not an S3 bucket name (3-63 of a-z, 0-9, '.' and '-'; no s3:// or path)"
+        )
+    return name
 
 
 def ensure_writable_directory(directory: Path, variable: str) -> None:
