@@ -74,14 +74,11 @@ class Config:
                 f"METERING_LISTEN={host}:{port} is not a loopback address; without authentication "
                 "(METERING_AUTH_TOKENS unset) metering serves only 127.0.0.1 / ::1"
             )
-        lease = _seconds(env, "METERING_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)
-        if not MIN_LEASE_SECONDS <= lease <= MAX_LEASE_SECONDS:
-            # Shorter, and every reservation is born expired while the reaper spins; far longer, and a crashed
-            # renderer holds its quota for days (and lease ends past year 9999 fail every reservation).
-            raise ConfigError(
-                f"METERING_LEASE_SECONDS={env['METERING_LEASE_SECONDS']!r}: expected {MIN_LEASE_SECONDS:g} to "
-                f"{MAX_LEASE_SECONDS:g} seconds"
-            )
+        # Shorter, and every reservation is born expired while the reaper spins; far longer, and a crashed
+        # renderer holds its quota for days (and lease ends past year 9999 fail every reservation).
+        lease = _seconds(
+            env, "METERING_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, minimum=MIN_LEASE_SECONDS, maximum=MAX_LEASE_SECONDS
+        )
         tiers_file = env.get("METERING_TIERS_FILE") or None
         try:
             tiers = TierTable.load(Path(tiers_file) if tiers_file else None)
@@ -182,7 +179,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _seconds(env: Mapping[str, str], name: str, default: float, *, allow_zero: bool = False) -> float:
+def _seconds(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    *,
+    allow_zero: bool = False,
+    minimum: float = 0.0,
+    maximum: float = math.inf,
+) -> float:
     raw = env.get(name)
     if not raw:
         return default
@@ -192,6 +197,8 @@ def _seconds(env: Mapping[str, str], name: str, default: float, *, allow_zero: b
         raise ConfigError(f"{name}={raw!r}: expected a number of seconds") from None
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name}={raw!r}: expected a finite number of seconds > 0")
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name}={raw!r}: expected {minimum:g} to {maximum:g} seconds")
     return value
 
 
