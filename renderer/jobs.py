@@ -193,7 +193,7 @@ class JobRunner:
         self._on_transition = on_transition
         self._entries: dict[str, _Entry] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
-        self._by_key: dict[tuple[str, str], asyncio.Future[str]] = {}
+        self._by_key: dict[tuple[str, str], asyncio.Task[str]] = {}  # the start of each key, done or under way
         self._closing_tasks: set[asyncio.Task[Any]] = set()  # completions on their way, awaited by shutdown
         self._draining = False
 
