@@ -95,7 +95,14 @@ STARTS_REFUSED = Counter(
 START_REFUSAL_REASONS = ("busy", "draining")
 METERING_UNAVAILABLE = Counter(
     "renderer_metering_unavailable_total",
-    "Calls to metering that failed because it could not be reached (renders refused or completions queued).",
+    "StartRender calls refused because metering could not be reached (nothing was reserved or rendered).",
+    registry=REGISTRY,
+)
+# What the health loop last found, whether or not anyone calls: a renderer without metering is NOT_SERVING,
+# so load balancers stop sending it the starts that would count in the counter above.
+METERING_USABLE = Gauge(
+    "renderer_metering_usable",
+    "1 while metering answers and takes this renderer's token (renders can be metered), else 0.",
     registry=REGISTRY,
 )
 
@@ -169,6 +176,10 @@ def record_start_refused(reason: str) -> None:
 
 def record_metering_unavailable() -> None:
     METERING_UNAVAILABLE.inc()
+
+
+def set_metering_usable(usable: bool) -> None:
+    METERING_USABLE.set(1 if usable else 0)
 
 
 def track_outbox(depth: Callable[[], float], dead_letters: Callable[[], float]) -> None:

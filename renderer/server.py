@@ -224,6 +224,7 @@ async def _follow_metering_health(metering: GrpcMeteringClient, renderer_health:
             elif last_reason:
                 log.info("metering answers again: SERVING")
             last_reason = reason
+        metrics.set_metering_usable(reason is None)
         await renderer_health.report(reason is None)
         await asyncio.sleep(HEALTH_PROBE_SECONDS)
 

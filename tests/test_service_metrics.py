@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exportapi.renderer.v1 import renderer_pb2
+from tests.support.faults import until
 from tests.support.metering import metering_stub, reserve_request, start_metering
 from tests.support.renderer import renderer_stub, start_renderer, tiny_composition, wait_terminal
 
@@ -79,3 +80,20 @@ async def test_renderer_metrics_count_jobs_and_render_time(metering_target: str,
     assert delta(before, after, "renderer_render_seconds_count", **timed) == 1
     assert value(after, "renderer_jobs_in_progress", mode="local") == 0
     assert value(after, "renderer_outbox_depth") == 0
+
+
+async def test_renderer_metrics_show_whether_metering_is_usable_with_no_caller(
+    metering_target: str, tmp_path: Path
+) -> None:
+    # Without metering a renderer is NOT_SERVING, so no starts reach it to count as refused: the alert reads
+    # the health loop's verdict instead, and it must be there without a single call.
+    port = free_port()
+    async with start_renderer(metering_target, tmp_path / "up", RENDERER_METRICS_LISTEN=f"127.0.0.1:{port}"):
+        await until(lambda: value(scrape(port), "renderer_metering_usable") == 1, timeout=10, what="usable")
+    gone = f"127.0.0.1:{free_port()}"  # nothing listens there
+    port = free_port()
+    async with start_renderer(gone, tmp_path / "down", RENDERER_METRICS_LISTEN=f"127.0.0.1:{port}"):
+        await until(lambda: value(scrape(port), "renderer_metering_usable") == 0, timeout=10, what="unusable")
+        refused = value(scrape(port), "renderer_metering_unavailable_total")
+
+    assert refused == 0  # no caller: the counter alone would never have fired the alert
