@@ -441,6 +441,8 @@ def _on_the_database(work: Coroutine[Any, Any, T], *, lacking: str, doing: str) 
             return asyncio.run(work)
     except errors.Unavailable as error:
         raise _MaintenanceFailed(f"cannot reach the database ({error.message})", 3) from error
+    except ValueError as error:  # asyncpg parsing DATABASE_URL (its ClientConfigurationError is one too)
+        raise _MaintenanceFailed(f"DATABASE_URL is not a PostgreSQL URL asyncpg can use: {error}", 2) from error
     except (asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.UndefinedFunctionError) as error:
         raise _MaintenanceFailed(
             f"this database has no {lacking} yet; start a metering server of this version once "

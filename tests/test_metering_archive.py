@@ -567,6 +567,11 @@ async def test_cli_archive_refuses_bad_settings_and_says_when_the_database_is_aw
     unreachable = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/metering"}
     code, _, err = await run_maintenance_cli(monkeypatch, unreachable, "archive", "--older-than-days", "30")
     assert code == 3 and "cannot reach the database" in err
+    for malformed in ("postgresql://u@db.internal:54x2/metering", "notadsn"):
+        code, _, err = await run_maintenance_cli(
+            monkeypatch, {"DATABASE_URL": malformed}, "archive", "--older-than-days", "30"
+        )
+        assert code == 2 and "DATABASE_URL is not a PostgreSQL URL" in err and "Traceback" not in err
 
 
 def archive_partition(moment: datetime) -> str:

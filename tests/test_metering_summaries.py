@@ -222,3 +222,6 @@ async def test_the_cli_rebuilds_summaries_that_went_wrong(database_url: str, mon
     away = {"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
     code, _, err = await run_maintenance_cli(monkeypatch, away, "rebuild-summaries")
     assert code == 3 and "cannot reach the database" in err
+    malformed = {"DATABASE_URL": "postgresql://u@db.internal:54x2/metering"}
+    code, _, err = await run_maintenance_cli(monkeypatch, malformed, "rebuild-summaries")
+    assert code == 2 and "DATABASE_URL is not a PostgreSQL URL" in err
