@@ -19,6 +19,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # S3's rules for a bucket name (3-63 of a-z, 0-9, '.', '-'; a letter or digit at each end): anything else,
 # such as "s3://bucket" or a key prefix, would only fail at the first upload or fetch, after a reservation.
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
+_AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]+\Z")
+_KEY_PREFIX = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]*/)*\Z")  # as the function's RenderKeys accepts
 
 
 class ConfigError(ValueError):
@@ -34,6 +36,8 @@ class LambdaSettings:
     timeout_seconds: float
     endpoint_url: str | None
     s3_endpoint_url: str | None
+    region: str = ""
+    key_prefix: str = "renders/"
 
 
 # After the renders of a drain have ended: time for WatchRender streams to send the final state, and for calls
@@ -165,7 +169,32 @@ def _lambda_settings(env: Mapping[str, str]) -> LambdaSettings | None:
         timeout_seconds=_float(env, "RENDER_LAMBDA_TIMEOUT_SECONDS", 900.0, minimum=1.0),
         endpoint_url=env.get("AWS_ENDPOINT_URL_LAMBDA") or env.get("AWS_ENDPOINT_URL") or None,
         s3_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+        region=_aws_region(env),
+        key_prefix=_key_prefix(env),
     )
+
+
+def _aws_region(env: Mapping[str, str]) -> str:
+    """The region, read here for both of botocore's names (it reads only AWS_DEFAULT_REGION itself): without
+    one every Lambda render would be reserved and then fail."""
+    region = (env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "").strip()
+    if not region:
+        raise ConfigError("LAMBDA_FUNCTION_NAME is set but no AWS region is: set AWS_REGION (or AWS_DEFAULT_REGION)")
+    if not _AWS_REGION.match(region):
+        raise ConfigError(f"AWS_REGION: {region!r} is not an AWS region name (such as eu-west-1)")
+    return region
+
+
+def _key_prefix(env: Mapping[str, str]) -> str:
+    """Where the function writes (the template's RendersPrefix): the renderer names it in every invocation and
+    cleans up under it, so both must agree."""
+    prefix = env.get("RENDER_KEY_PREFIX", "renders/").strip()
+    if not _KEY_PREFIX.match(prefix):
+        raise ConfigError(
+            f"RENDER_KEY_PREFIX: {prefix!r} must be empty or path segments of A-Z, a-z, 0-9, '_' and '-', "
+            "each ending in '/' (such as renders/)"
+        )
+    return prefix
 
 
 def _bucket_name(variable: str, name: str) -> str:

@@ -60,6 +60,8 @@ class LambdaSettingsLike(Protocol):
     timeout_seconds: float
     endpoint_url: str | None
     s3_endpoint_url: str | None
+    region: str
+    key_prefix: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +73,8 @@ class LambdaBackendConfig:
     timeout_seconds: float = 900.0  # RENDER_LAMBDA_TIMEOUT_SECONDS: the function's configured timeout
     endpoint_url: str | None = None  # AWS_ENDPOINT_URL_LAMBDA
     s3_endpoint_url: str | None = None  # AWS_ENDPOINT_URL_S3
-    key_prefix: str = "renders/"
+    region: str | None = None  # AWS_REGION / AWS_DEFAULT_REGION (None: botocore's own lookup)
+    key_prefix: str = "renders/"  # RENDER_KEY_PREFIX, the template's RendersPrefix
     # Buckets s3:// sources may come from (RENDER_SOURCE_BUCKETS); empty: any the function's role can read.
     source_buckets: frozenset[str] = frozenset()
     throttle_retries: int = 8
@@ -108,6 +111,8 @@ class LambdaBackendConfig:
             timeout_seconds=settings.timeout_seconds,
             endpoint_url=settings.endpoint_url,
             s3_endpoint_url=settings.s3_endpoint_url,
+            region=settings.region or None,
+            key_prefix=settings.key_prefix,
             **overrides,
         )
 
@@ -306,21 +311,31 @@ class LambdaBackend:
     async def render(self, assignment: RenderAssignment, on_progress: ProgressCallback) -> RenderOutput:
         if not isinstance(assignment, RenderAssignment):
             raise PermissionError("LambdaBackend renders only a RenderAssignment (a metering reservation)")
+        from botocore.exceptions import BotoCoreError
+
         keys = self.keys_for(assignment.export_id, assignment.format)
-        async with self._session.client(
-            "lambda", endpoint_url=self.config.endpoint_url, config=lambda_client_config(self.config)
-        ) as client:
-            invoker = LambdaInvoker(client, self.config)
-            try:
-                if self.should_fan_out(assignment):
-                    answer = await self._render_chunked(invoker, assignment, on_progress)
-                else:
-                    answer = await self._render_whole(invoker, assignment, on_progress)
-                return self._output(answer, assignment)
-            except BaseException:
-                # Failed or cancelled: whatever invocations still run must not leave objects behind.
-                await asyncio.shield(self._abandon(keys))
-                raise
+        try:
+            async with self._session.client(
+                "lambda",
+                endpoint_url=self.config.endpoint_url,
+                region_name=self.config.region,
+                config=lambda_client_config(self.config),
+            ) as client:
+                invoker = LambdaInvoker(client, self.config)
+                try:
+                    if self.should_fan_out(assignment):
+                        answer = await self._render_chunked(invoker, assignment, on_progress)
+                    else:
+                        answer = await self._render_whole(invoker, assignment, on_progress)
+                    return self._output(answer, assignment)
+                except BaseException:
+                    # Failed or cancelled: whatever invocations still run must not leave objects behind.
+                    await asyncio.shield(self._abandon(keys))
+                    raise
+        except BotoCoreError as error:
+            # No credentials, no region, an endpoint that cannot be reached: the render fails saying so,
+            # not as an internal error with a traceback.
+            raise RenderError(f"AWS: {error}") from None
 
     def _base_event(self, action: str, assignment: RenderAssignment) -> dict[str, Any]:
         return {
@@ -400,7 +415,9 @@ class LambdaBackend:
         what was uploaded. Work parts left by a handler that passed the check expire by the bucket's
         lifecycle rule on the parts prefix."""
         try:
-            async with self._session.client("s3", endpoint_url=self.config.s3_endpoint_url) as s3:
+            async with self._session.client(
+                "s3", endpoint_url=self.config.s3_endpoint_url, region_name=self.config.region
+            ) as s3:
                 await s3.put_object(Bucket=self.config.bucket, Key=keys.abandoned_marker, Body=b"")
                 paginator = s3.get_paginator("list_objects_v2")
                 doomed = [keys.final]

@@ -127,8 +127,16 @@ def parse_event(event: Any, environ: dict[str, str] | os._Environ[str] = os.envi
         output_format = OutputFormat(event.get("format"))
     except ValueError:
         raise InvalidArgument("event.format", "must be mp4, webm or gif") from None
+    own_prefix = environ.get("RENDER_KEY_PREFIX")
     prefix = event.get("key_prefix")
-    prefix = str(prefix if prefix is not None else environ.get("RENDER_KEY_PREFIX", DEFAULT_KEY_PREFIX))
+    if prefix is not None and own_prefix is not None and prefix != own_prefix:
+        # The function's role may write only under its own prefix: say so, rather than fail on AccessDenied.
+        raise InvalidArgument(
+            "event.key_prefix",
+            f"{prefix!r} is not this function's RENDER_KEY_PREFIX {own_prefix!r}: set the renderer's "
+            "RENDER_KEY_PREFIX to the stack's RendersPrefix",
+        )
+    prefix = str(prefix if prefix is not None else own_prefix if own_prefix is not None else DEFAULT_KEY_PREFIX)
     try:
         keys = RenderKeys(prefix, str(event.get("export_id") or ""), output_format.value)
     except ValueError as exc:

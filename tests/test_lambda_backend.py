@@ -295,3 +295,29 @@ def test_a_malformed_event_is_refused_naming_the_field(change: dict[str, Any], f
     with pytest.raises(InvalidArgument) as caught:
         parse_event(event, environ={})
     assert caught.value.field == field
+
+
+async def test_a_render_under_another_key_prefix_lands_there(env: LambdaEnv) -> None:
+    # RENDER_KEY_PREFIX follows the stack's RendersPrefix: the function's role may write nowhere else.
+    answer = await backend_for(env, key_prefix="exports/v2/").render(assignment(tiny(1.0)), Recorder())
+    key = answer.uri.removeprefix(f"s3://{env.bucket}/")
+    assert key.startswith("exports/v2/") and keys_under(env, "exports/v2/") == [key]
+
+
+def test_a_function_refuses_a_key_prefix_other_than_its_own_naming_the_setting() -> None:
+    event = {"action": "render", "export_id": "e1", "bucket": "b", "format": "mp4", "key_prefix": "renders/",
+             "composition": composition_to_json(tiny(1.0))}
+    with pytest.raises(InvalidArgument) as caught:
+        parse_event(event, environ={"RENDER_KEY_PREFIX": "exports/"})
+    assert caught.value.field == "event.key_prefix" and "RENDER_KEY_PREFIX" in str(caught.value)
+    assert parse_event(event, environ={"RENDER_KEY_PREFIX": "renders/"}).keys.final == "renders/e1.mp4"
+
+
+async def test_aws_settings_botocore_refuses_fail_the_render_saying_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: NoRegionError escaped the backend, and the job failed as "internal error" with a traceback.
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    backend = LambdaBackend(LambdaBackendConfig(function_name="f", bucket="b", endpoint_url="http://127.0.0.1:1"))
+    with pytest.raises(RenderError, match="AWS: You must specify a region"):
+        await backend.render(assignment(tiny(1.0)), Recorder())

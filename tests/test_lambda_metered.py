@@ -42,7 +42,7 @@ async def services(
         start_renderer(
             metering_target, state_root,
             LAMBDA_FUNCTION_NAME=env.function_name, RENDER_BUCKET=env.bucket,
-            AWS_ENDPOINT_URL_LAMBDA=env.lambda_endpoint, AWS_ENDPOINT_URL_S3=env.s3_endpoint,
+            AWS_ENDPOINT_URL_LAMBDA=env.lambda_endpoint, AWS_ENDPOINT_URL_S3=env.s3_endpoint, AWS_REGION="us-east-1",
             RENDER_LAMBDA_CHUNK_SECONDS="1", RENDER_LAMBDA_MAX_CONCURRENCY="2",
         ) as running,
         renderer_stub(running.target) as renderer,

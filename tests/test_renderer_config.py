@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from renderer.config import ConfigError, RendererConfig
+from renderer.lambda_backend import LambdaBackendConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LAMBDA = {"LAMBDA_FUNCTION_NAME": "export-render"}
+LAMBDA = {"LAMBDA_FUNCTION_NAME": "export-render", "AWS_REGION": "eu-west-1"}
 
 
 @pytest.mark.parametrize("bucket", ["s3://renders", "renders/prefix", "Renders", "ab", "-renders", "a..b", "x" * 64])
@@ -28,6 +29,25 @@ def test_source_buckets_are_checked_too_and_good_names_pass() -> None:
     config = RendererConfig.from_env({**LAMBDA, "RENDER_BUCKET": "renders.example-1", "RENDER_SOURCE_BUCKETS": "a1b"})
     assert config.lambda_settings is not None and config.lambda_settings.bucket == "renders.example-1"
     assert config.source_buckets == {"a1b"}
+
+
+def test_lambda_needs_a_region_under_either_of_its_names_and_a_prefix_the_function_accepts() -> None:
+    # botocore reads only AWS_DEFAULT_REGION: with AWS_REGION alone every Lambda render failed after reserving.
+    lambda_only = {"LAMBDA_FUNCTION_NAME": "export-render", "RENDER_BUCKET": "renders"}
+    with pytest.raises(ConfigError, match=r"no AWS region is: set AWS_REGION \(or AWS_DEFAULT_REGION\)"):
+        RendererConfig.from_env(lambda_only)
+    with pytest.raises(ConfigError, match=r"AWS_REGION: 's3://eu' is not an AWS region name"):
+        RendererConfig.from_env({**lambda_only, "AWS_REGION": "s3://eu"})
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        settings = RendererConfig.from_env({**lambda_only, name: "ap-southeast-2"}).lambda_settings
+        assert settings is not None and settings.region == "ap-southeast-2" and settings.key_prefix == "renders/"
+    settings = RendererConfig.from_env({**LAMBDA, "RENDER_BUCKET": "renders", "RENDER_KEY_PREFIX": "exports/v2/"})
+    assert settings.lambda_settings is not None
+    backend = LambdaBackendConfig.from_settings(settings.lambda_settings)
+    assert (backend.key_prefix, backend.region) == ("exports/v2/", "eu-west-1")
+    for prefix in ("exports", "/exports/", "../x/", "a b/"):
+        with pytest.raises(ConfigError, match="RENDER_KEY_PREFIX"):
+            RendererConfig.from_env({**LAMBDA, "RENDER_BUCKET": "renders", "RENDER_KEY_PREFIX": prefix})
 
 
 @pytest.mark.parametrize("variable", ["RENDER_OUTPUT_DIR", "RENDER_STATE_DIR"])
