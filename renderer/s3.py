@@ -17,6 +17,8 @@ CONTENT_TYPES = {
     ".m4a": "audio/mp4",
 }
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
+# What S3 answers for a key this role may not read, and for a missing key when the role may not list there.
+_FORBIDDEN = frozenset({"403", "AccessDenied", "Forbidden"})
 
 
 def s3_client() -> Any:
@@ -49,6 +51,8 @@ async def download(client: Any, bucket: str, key: str, destination: Path) -> Non
     except ClientError as exc:
         if _error_code(exc) in _MISSING:
             raise FileNotFoundError(f"s3://{bucket}/{key}") from None
+        if _error_code(exc) in _FORBIDDEN:
+            raise PermissionError(f"s3://{bucket}/{key}") from None
         raise
 
 

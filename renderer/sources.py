@@ -212,6 +212,8 @@ class SourceResolver:
             await self.s3_fetcher.fetch(spec.bucket, spec.key, destination)
         except FileNotFoundError:
             raise SourceNotFound(field, f"no such object {spec.uri}") from None
+        except PermissionError:
+            raise SourceNotFound(field, f"no such object {spec.uri}, or not one this renderer may read") from None
         except Exception as exc:
             raise RenderError(f"could not fetch {spec.uri}: {exc}") from exc
         if not destination.is_file():

@@ -79,8 +79,11 @@ def test_function_role_reads_sources_and_writes_only_under_the_renders_prefix(te
         if {"s3:PutObject", "s3:DeleteObject"} & set(actions):
             resource = statement["Resource"]["Fn::Sub"]
             assert resource.startswith("${RenderBucket.Arn}/${RendersPrefix}"), statement
-        if "s3:ListBucket" in actions:
-            assert statement["Condition"]["StringLike"]["s3:prefix"]["Fn::Sub"].startswith("${RendersPrefix}")
+        if "s3:ListBucket" in actions:  # listing only under a prefix: the renders', or the sources' (404s)
+            prefix = statement["Condition"]["StringLike"]["s3:prefix"]["Fn::Sub"]
+            sources = statement["Sid"] == "SeeMissingSources"
+            assert prefix.startswith("${SourcePrefix}" if sources else "${RendersPrefix}")
+    assert _actions(by_sid["SeeMissingSources"]) == ["s3:ListBucket"]
     log_actions = {a for s in statements for a in _actions(s) if a.startswith("logs:")}
     assert log_actions <= {"logs:CreateLogStream", "logs:PutLogEvents"}
 

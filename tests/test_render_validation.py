@@ -319,3 +319,21 @@ def test_asset_root_given_as_a_symlink_still_contains_its_files(assets: Path, tm
     link = tmp_path / "assets-link"
     os.symlink(assets, link)
     assert SourceResolver([link]).resolve_file_source("top.mp4", "f").path == (assets / "top.mp4").resolve()
+
+
+async def test_an_s3_source_the_role_may_not_read_fails_naming_the_field(tmp_path: Path) -> None:
+    # A missing key answers 403, not 404, to a role without s3:ListBucket there: it must still name the field,
+    # not fail as "could not fetch ... Forbidden".
+    from botocore.exceptions import ClientError
+
+    from renderer.s3 import Boto3Fetcher
+
+    class ForbiddingClient:
+        def download_file(self, bucket: str, key: str, filename: str) -> None:
+            raise ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadObject")
+
+    resolver = SourceResolver(s3_fetcher=Boto3Fetcher(ForbiddingClient()), s3_buckets=["media"])
+    with pytest.raises(SourceNotFound) as caught:
+        await resolver.resolve("s3://media/typo.mp4", "composition.clips[2].source", audio=False, workdir=tmp_path)
+    assert caught.value.field == "composition.clips[2].source"
+    assert "no such object s3://media/typo.mp4, or not one this renderer may read" in str(caught.value)
