@@ -20,6 +20,7 @@ import inspect
 import json
 import logging
 import random
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -40,6 +41,7 @@ from renderer.lambda_handler import (
     ACTION_CHUNK,
     ACTION_JOIN,
     ACTION_RENDER,
+    ATTEMPT_METADATA,
     RenderKeys,
     composition_to_json,
 )
@@ -294,9 +296,9 @@ class LambdaBackend:
             ):
                 raise SourceRefused(field, f"bucket {spec.bucket!r} is not allowed")
 
-    def keys_for(self, export_id: str, output_format: OutputFormat) -> RenderKeys:
+    def keys_for(self, export_id: str, output_format: OutputFormat, attempt: str) -> RenderKeys:
         try:
-            return RenderKeys(self.config.key_prefix, export_id, output_format.value)
+            return RenderKeys(self.config.key_prefix, export_id, output_format.value, attempt)
         except ValueError as exc:
             raise RenderError(str(exc)) from None
 
@@ -313,7 +315,9 @@ class LambdaBackend:
             raise PermissionError("LambdaBackend renders only a RenderAssignment (a metering reservation)")
         from botocore.exceptions import BotoCoreError
 
-        keys = self.keys_for(assignment.export_id, assignment.format)
+        # Its own attempt: another renderer may render the same export now (a retried start that metering
+        # replayed there), and each cleans up only what it wrote.
+        keys = self.keys_for(assignment.export_id, assignment.format, uuid.uuid4().hex[:16])
         try:
             async with self._session.client(
                 "lambda",
@@ -324,9 +328,9 @@ class LambdaBackend:
                 invoker = LambdaInvoker(client, self.config)
                 try:
                     if self.should_fan_out(assignment):
-                        answer = await self._render_chunked(invoker, assignment, on_progress)
+                        answer = await self._render_chunked(invoker, assignment, keys, on_progress)
                     else:
-                        answer = await self._render_whole(invoker, assignment, on_progress)
+                        answer = await self._render_whole(invoker, assignment, keys, on_progress)
                     return self._output(answer, assignment)
                 except BaseException:
                     # Failed or cancelled: whatever invocations still run must not leave objects behind.
@@ -337,10 +341,11 @@ class LambdaBackend:
             # not as an internal error with a traceback.
             raise RenderError(f"AWS: {error}") from None
 
-    def _base_event(self, action: str, assignment: RenderAssignment) -> dict[str, Any]:
+    def _base_event(self, action: str, assignment: RenderAssignment, keys: RenderKeys) -> dict[str, Any]:
         return {
             "action": action,
             "export_id": assignment.export_id,
+            "attempt": keys.attempt,
             "bucket": self.config.bucket,
             "key_prefix": self.config.key_prefix,
             "format": assignment.format.value,
@@ -348,16 +353,16 @@ class LambdaBackend:
         }
 
     async def _render_whole(
-        self, invoker: LambdaInvoker, assignment: RenderAssignment, on_progress: ProgressCallback
+        self, invoker: LambdaInvoker, assignment: RenderAssignment, keys: RenderKeys, on_progress: ProgressCallback
     ) -> dict[str, Any]:
         frames_total = assignment.composition.frames_total
         await _emit(on_progress, Progress(0, frames_total))
-        answer = await invoker.invoke(self._base_event(ACTION_RENDER, assignment))
+        answer = await invoker.invoke(self._base_event(ACTION_RENDER, assignment, keys))
         await _emit(on_progress, Progress(frames_total, frames_total))
         return answer
 
     async def _render_chunked(
-        self, invoker: LambdaInvoker, assignment: RenderAssignment, on_progress: ProgressCallback
+        self, invoker: LambdaInvoker, assignment: RenderAssignment, keys: RenderKeys, on_progress: ProgressCallback
     ) -> dict[str, Any]:
         composition = assignment.composition
         chunks = plan_chunks(composition.frames_total, composition.fps, self.config.chunk_seconds)
@@ -373,7 +378,7 @@ class LambdaBackend:
 
         async def render_chunk(chunk: Chunk) -> None:
             nonlocal done, frames_done
-            event = self._base_event(ACTION_CHUNK, assignment)
+            event = self._base_event(ACTION_CHUNK, assignment, keys)
             event.update(index=chunk.index, first_frame=chunk.first_frame, frame_count=chunk.frame_count)
             answer = await limited(event)
             frames = int(answer.get("frames", -1))
@@ -387,12 +392,12 @@ class LambdaBackend:
         try:
             async with asyncio.TaskGroup() as group:
                 if with_audio:
-                    group.create_task(limited(self._base_event(ACTION_AUDIO, assignment)))
+                    group.create_task(limited(self._base_event(ACTION_AUDIO, assignment, keys)))
                 for chunk in chunks:
                     group.create_task(render_chunk(chunk))
         except ExceptionGroup as failures:
             raise _first_render_error(failures) from None
-        join = self._base_event(ACTION_JOIN, assignment)
+        join = self._base_event(ACTION_JOIN, assignment, keys)
         join.update(chunk_count=len(chunks), with_audio=with_audio)
         return await limited(join)
 
@@ -411,16 +416,17 @@ class LambdaBackend:
                             frames=frames)
 
     async def _abandon(self, keys: RenderKeys) -> None:
-        """Best effort: mark the export abandoned (handlers check the marker before uploading) and delete
-        what was uploaded. Work parts left by a handler that passed the check expire by the bucket's
-        lifecycle rule on the parts prefix."""
+        """Best effort: mark this attempt abandoned (its handlers check the marker before uploading) and
+        delete what it uploaded: its parts, and the final object if this attempt wrote it (another attempt's
+        is a finished render of the same export). Parts left by a handler that passed the check expire by the
+        bucket's lifecycle rule on the parts prefix."""
         try:
             async with self._session.client(
                 "s3", endpoint_url=self.config.s3_endpoint_url, region_name=self.config.region
             ) as s3:
                 await s3.put_object(Bucket=self.config.bucket, Key=keys.abandoned_marker, Body=b"")
                 paginator = s3.get_paginator("list_objects_v2")
-                doomed = [keys.final]
+                doomed = [keys.final] if await self._wrote_final(s3, keys) else []
                 async for page in paginator.paginate(Bucket=self.config.bucket, Prefix=keys.parts_prefix):
                     doomed += [item["Key"] for item in page.get("Contents", [])
                                if item["Key"] != keys.abandoned_marker]
@@ -431,3 +437,14 @@ class LambdaBackend:
                     )
         except Exception:
             log.warning("could not clean up %s after a failed render", keys.final, exc_info=True)
+
+    async def _wrote_final(self, s3: Any, keys: RenderKeys) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = await s3.head_object(Bucket=self.config.bucket, Key=keys.final)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise
+        return bool(head.get("Metadata", {}).get(ATTEMPT_METADATA) == keys.attempt)

@@ -27,7 +27,7 @@ import asyncio
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ MAX_CHUNKS = 10_000
 
 _SAFE_EXPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SAFE_PREFIX = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]*/)*$")
+_SAFE_ATTEMPT = re.compile(r"^[a-z0-9]{1,32}\Z")
+ATTEMPT_METADATA = "render-attempt"  # on the final object: which attempt wrote it
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,12 +55,18 @@ class RenderKeys:
     prefix: str
     export_id: str
     extension: str
+    # One render of the export (a renderer's try): two renderers may render the same export at once (a
+    # retried start replayed by metering elsewhere), and one's clean-up must not touch the other's objects.
+    # Empty: the layout of renderers from before attempts.
+    attempt: str = ""
 
     def __post_init__(self) -> None:
         if not _SAFE_EXPORT_ID.match(self.export_id):
             raise ValueError(f"export id {self.export_id!r} cannot name an S3 object")
         if not _SAFE_PREFIX.match(self.prefix):
             raise ValueError(f"key prefix {self.prefix!r} must be empty or end in '/'")
+        if self.attempt and not _SAFE_ATTEMPT.match(self.attempt):
+            raise ValueError(f"attempt {self.attempt!r} must be 1-32 of a-z and 0-9")
 
     @property
     def final(self) -> str:
@@ -66,7 +74,7 @@ class RenderKeys:
 
     @property
     def parts_prefix(self) -> str:
-        return f"{self.prefix}_parts/{self.export_id}/"
+        return f"{self.prefix}_parts/{self.export_id}/" + (f"{self.attempt}/" if self.attempt else "")
 
     def chunk(self, index: int) -> str:
         return f"{self.parts_prefix}chunk-{index:05d}.mp4"
@@ -141,6 +149,10 @@ def parse_event(event: Any, environ: dict[str, str] | os._Environ[str] = os.envi
         keys = RenderKeys(prefix, str(event.get("export_id") or ""), output_format.value)
     except ValueError as exc:
         raise InvalidArgument("event.export_id", str(exc)) from None
+    attempt = event.get("attempt", "")
+    if not isinstance(attempt, str) or (attempt and not _SAFE_ATTEMPT.match(attempt)):
+        raise InvalidArgument("event.attempt", "must be 1-32 of a-z and 0-9")
+    keys = replace(keys, attempt=attempt)
     try:
         composition = composition_from_json(event["composition"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -213,7 +225,9 @@ async def _upload(request: HandlerRequest, client: Any, path: Path, key: str) ->
 
     if await s3.exists(client, request.bucket, request.keys.abandoned_marker):
         raise RenderError(f"export {request.keys.export_id} was abandoned; not uploading {key}")
-    return await s3.upload(client, path, request.bucket, key)
+    # The final object says which attempt wrote it, so that only that attempt's clean-up removes it.
+    metadata = {ATTEMPT_METADATA: request.keys.attempt} if key == request.keys.final and request.keys.attempt else {}
+    return await s3.upload(client, path, request.bucket, key, metadata=metadata)
 
 
 async def _checked(path: Path, frames_expected: int | None, what: str) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -257,7 +258,36 @@ def test_check_refuses_sources_lambda_cannot_read() -> None:
 def assert_nothing_left(env: LambdaEnv, job: RenderAssignment) -> None:
     """No output, and of the work parts only the marker that tells late handlers not to upload."""
     assert keys_under(env, f"renders/{job.export_id}.") == []
-    assert keys_under(env, f"renders/_parts/{job.export_id}/") == [f"renders/_parts/{job.export_id}/ABANDONED"]
+    [marker] = keys_under(env, f"renders/_parts/{job.export_id}/")  # under this render's own attempt
+    assert re.fullmatch(rf"renders/_parts/{job.export_id}/[a-z0-9]+/ABANDONED", marker)
+
+
+async def test_a_render_abandoned_while_another_renders_the_same_export_leaves_the_others_output(
+    env: LambdaEnv, tmp_path: Path
+) -> None:
+    # A start retried on a second renderer is replayed there by metering: the same export renders twice at
+    # once. Before, the first one's clean-up deleted the second's finished video (the ledger then pointed at
+    # nothing), and its marker failed every later render of the export for a day.
+    slow, quick = assignment(tiny(5.0)), assignment(tiny(1.0, audio=False))
+    quick = dataclasses.replace(quick, reservation=slow.reservation)  # the same export
+    started = asyncio.Event()
+
+    async def on_progress(progress: Progress) -> None:
+        started.set()
+
+    first = asyncio.create_task(backend_for(env).render(slow, on_progress))
+    await started.wait()
+    second = await backend_for(env).render(quick, Recorder())
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await wait_idle(env)
+
+    final = f"renders/{slow.export_id}.mp4"
+    assert second.uri == f"s3://{env.bucket}/{final}" and keys_under(env, final) == [final]
+    assert measure(fetch(env, second.uri, tmp_path)).frames == 10  # the second render's, whole
+    third = await backend_for(env).render(dataclasses.replace(quick), Recorder())
+    assert third.uri == second.uri
 
 
 async def wait_idle(env: LambdaEnv) -> None:
