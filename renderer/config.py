@@ -38,6 +38,9 @@ class LambdaSettings:
     s3_endpoint_url: str | None
     region: str = ""
     key_prefix: str = "renders/"
+    # What the function may read (the stack's source bucket and SourcePrefix): checked before reserving.
+    source_buckets: frozenset[str] = frozenset()
+    source_prefix: str = ""
 
 
 # After the renders of a drain have ended: time for WatchRender streams to send the final state, and for calls
@@ -171,6 +174,11 @@ def _lambda_settings(env: Mapping[str, str]) -> LambdaSettings | None:
         s3_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
         region=_aws_region(env),
         key_prefix=_key_prefix(env),
+        source_buckets=frozenset(
+            _bucket_name("RENDER_LAMBDA_SOURCE_BUCKETS", name)
+            for name in parse_buckets(env.get("RENDER_LAMBDA_SOURCE_BUCKETS"))
+        ),
+        source_prefix=_key_prefix(env, "RENDER_LAMBDA_SOURCE_PREFIX", ""),
     )
 
 
@@ -185,13 +193,13 @@ def _aws_region(env: Mapping[str, str]) -> str:
     return region
 
 
-def _key_prefix(env: Mapping[str, str]) -> str:
-    """Where the function writes (the template's RendersPrefix): the renderer names it in every invocation and
-    cleans up under it, so both must agree."""
-    prefix = env.get("RENDER_KEY_PREFIX", "renders/").strip()
+def _key_prefix(env: Mapping[str, str], name: str = "RENDER_KEY_PREFIX", default: str = "renders/") -> str:
+    """RENDER_KEY_PREFIX: where the function writes (the template's RendersPrefix); the renderer names it in
+    every invocation and cleans up under it, so both must agree. RENDER_LAMBDA_SOURCE_PREFIX: where it reads."""
+    prefix = env.get(name, default).strip()
     if not _KEY_PREFIX.match(prefix):
         raise ConfigError(
-            f"RENDER_KEY_PREFIX: {prefix!r} must be empty or path segments of A-Z, a-z, 0-9, '_' and '-', "
+            f"{name}: {prefix!r} must be empty or path segments of A-Z, a-z, 0-9, '_' and '-', "
             "each ending in '/' (such as renders/)"
         )
     return prefix

@@ -77,8 +77,10 @@ class LambdaBackendConfig:
     s3_endpoint_url: str | None = None  # AWS_ENDPOINT_URL_S3
     region: str | None = None  # AWS_REGION / AWS_DEFAULT_REGION (None: botocore's own lookup)
     key_prefix: str = "renders/"  # RENDER_KEY_PREFIX, the template's RendersPrefix
-    # Buckets s3:// sources may come from (RENDER_SOURCE_BUCKETS); empty: any the function's role can read.
+    # Buckets s3:// sources may come from (RENDER_LAMBDA_SOURCE_BUCKETS, else RENDER_SOURCE_BUCKETS); empty:
+    # any the function's role can read. And the prefix their keys must have (RENDER_LAMBDA_SOURCE_PREFIX).
     source_buckets: frozenset[str] = frozenset()
+    source_prefix: str = ""
     throttle_retries: int = 8
     throttle_base_delay_seconds: float = 0.25
     throttle_max_delay_seconds: float = 20.0
@@ -295,6 +297,8 @@ class LambdaBackend:
                 spec.bucket not in self.config.source_buckets
             ):
                 raise SourceRefused(field, f"bucket {spec.bucket!r} is not allowed")
+            if isinstance(spec, S3Source) and not spec.key.startswith(self.config.source_prefix):
+                raise SourceRefused(field, f"Lambda renders read only keys under {self.config.source_prefix!r}")
 
     def keys_for(self, export_id: str, output_format: OutputFormat, attempt: str) -> RenderKeys:
         try:

@@ -71,3 +71,33 @@ def test_a_directory_the_renderer_cannot_write_stops_the_start_with_exit_2(tmp_p
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"renderer: configuration error: {variable}=" in done.stderr
     assert "not a directory the renderer can write to" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_lambda_sources_are_checked_against_the_functions_own_bucket_and_prefix() -> None:
+    # Checked before reserving, with what the function's role may read: not RENDER_SOURCE_BUCKETS, which also
+    # turns on s3:// sources for local renders.
+    from renderer.domain import Clip, Composition, RenderMode
+    from renderer.errors import SourceRefused
+    from renderer.server import build_backends
+
+    def composition(source: str) -> Composition:
+        return Composition(width=160, height=120, fps=10, duration_seconds=1.0, clips=(Clip(source, 0, 0, 1.0),))
+
+    env = {**LAMBDA, "RENDER_BUCKET": "renders", "RENDER_LAMBDA_SOURCE_BUCKETS": "media",
+           "RENDER_LAMBDA_SOURCE_PREFIX": "sources/"}
+    config = RendererConfig.from_env(env)
+    assert config.source_buckets == frozenset()  # local renders still read no s3:// sources
+    backend = build_backends(config)[RenderMode.LAMBDA]
+    backend.check(composition("s3://media/sources/a.mp4"))
+    with pytest.raises(SourceRefused, match="bucket 'other' is not allowed"):
+        backend.check(composition("s3://other/sources/a.mp4"))
+    with pytest.raises(SourceRefused, match="only keys under 'sources/'") as caught:
+        backend.check(composition("s3://media/private/a.mp4"))
+    assert caught.value.field == "composition.clips[0].source"
+    older = {**LAMBDA, "RENDER_BUCKET": "r01", "RENDER_SOURCE_BUCKETS": "m01"}  # before the Lambda's own list
+    fallback = build_backends(RendererConfig.from_env(older))
+    with pytest.raises(SourceRefused, match="not allowed"):
+        fallback[RenderMode.LAMBDA].check(composition("s3://other/a.mp4"))
+    for name, value in (("RENDER_LAMBDA_SOURCE_BUCKETS", "s3://media"), ("RENDER_LAMBDA_SOURCE_PREFIX", "sources")):
+        with pytest.raises(ConfigError, match=name):
+            RendererConfig.from_env({**env, name: value})
