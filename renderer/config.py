@@ -173,7 +173,7 @@ def _lambda_settings(env: Mapping[str, str]) -> LambdaSettings | None:
         endpoint_url=env.get("AWS_ENDPOINT_URL_LAMBDA") or env.get("AWS_ENDPOINT_URL") or None,
         s3_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
         region=_aws_region(env),
-        key_prefix=_key_prefix(env),
+        key_prefix=_key_prefix(env, "RENDER_KEY_PREFIX", "renders/"),
         source_buckets=frozenset(
             _bucket_name("RENDER_LAMBDA_SOURCE_BUCKETS", name)
             for name in parse_buckets(env.get("RENDER_LAMBDA_SOURCE_BUCKETS"))
@@ -193,7 +193,7 @@ def _aws_region(env: Mapping[str, str]) -> str:
     return region
 
 
-def _key_prefix(env: Mapping[str, str], name: str = "RENDER_KEY_PREFIX", default: str = "renders/") -> str:
+def _key_prefix(env: Mapping[str, str], name: str, default: str) -> str:
     """RENDER_KEY_PREFIX: where the function writes (the template's RendersPrefix); the renderer names it in
     every invocation and cleans up under it, so both must agree. RENDER_LAMBDA_SOURCE_PREFIX: where it reads."""
     prefix = env.get(name, default).strip()
