@@ -16,6 +16,7 @@ exception, or Lambda's "Task timed out") raises `RenderError`, which the job run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -45,6 +46,7 @@ from renderer.lambda_handler import (
     RenderKeys,
     composition_to_json,
 )
+from renderer.s3 import CONTENT_TYPES
 from renderer.validation import FileSource, S3Source, parse_source
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,10 @@ class LambdaBackendConfig:
             key_prefix=settings.key_prefix,
             **overrides,
         )
+
+
+# S3's largest CopyObject; above it, a copy goes in parts.
+COPY_IN_ONE_REQUEST_BYTES = 5 * 1024**3
 
 
 class LambdaFunctionError(RenderError):
@@ -335,7 +341,7 @@ class LambdaBackend:
                         answer = await self._render_chunked(invoker, assignment, keys, on_progress)
                     else:
                         answer = await self._render_whole(invoker, assignment, keys, on_progress)
-                    return self._output(answer, assignment)
+                    return await self._accept(answer, assignment, keys)
                 except BaseException:
                     # Failed or cancelled: whatever invocations still run must not leave objects behind.
                     await asyncio.shield(self._abandon(keys))
@@ -405,7 +411,7 @@ class LambdaBackend:
         join.update(chunk_count=len(chunks), with_audio=with_audio)
         return await limited(join)
 
-    def _output(self, answer: Any, assignment: RenderAssignment) -> RenderOutput:
+    async def _accept(self, answer: Any, assignment: RenderAssignment, keys: RenderKeys) -> RenderOutput:
         try:
             bucket, key = str(answer["bucket"]), str(answer["key"])
             size, duration = int(answer["size"]), float(answer["duration"])
@@ -416,8 +422,37 @@ class LambdaBackend:
             raise RenderError(
                 f"the render has {frames} frames, not the composition's {assignment.composition.frames_total}"
             )
-        return RenderOutput(uri=f"s3://{bucket}/{key}", file_size_bytes=size, duration_seconds=duration,
+        if bucket != self.config.bucket or key not in (keys.output, keys.final):
+            raise RenderError(f"Lambda answered with s3://{bucket}/{key}, not this render's {keys.output}")
+        if key == keys.output != keys.final:
+            await self._promote(keys)
+        return RenderOutput(uri=f"s3://{bucket}/{keys.final}", file_size_bytes=size, duration_seconds=duration,
                             frames=frames)
+
+    async def _promote(self, keys: RenderKeys) -> None:
+        """Moves this attempt's finished render to the export's final key (a server-side copy; in parts above
+        5 GiB), marked as this attempt's, so that only this attempt's clean-up removes it."""
+        from boto3.s3.transfer import S3TransferConfig
+        from botocore.exceptions import ClientError
+
+        bucket = self.config.bucket
+        extra = {
+            "ContentType": CONTENT_TYPES.get(f".{keys.extension}", "application/octet-stream"),
+            "Metadata": {ATTEMPT_METADATA: keys.attempt},
+            "MetadataDirective": "REPLACE",
+        }
+        try:
+            async with self._session.client(
+                "s3", endpoint_url=self.config.s3_endpoint_url, region_name=self.config.region
+            ) as s3:
+                await s3.copy(
+                    {"Bucket": bucket, "Key": keys.output}, bucket, keys.final, ExtraArgs=extra,
+                    Config=S3TransferConfig(multipart_threshold=COPY_IN_ONE_REQUEST_BYTES),
+                )
+                with contextlib.suppress(ClientError):  # else the lifecycle rule on the parts removes it
+                    await s3.delete_object(Bucket=bucket, Key=keys.output)
+        except ClientError as exc:
+            raise RenderError(f"could not move s3://{bucket}/{keys.output} to {keys.final}: {exc}") from None
 
     async def _abandon(self, keys: RenderKeys) -> None:
         """Best effort: mark this attempt abandoned (its handlers check the marker before uploading) and

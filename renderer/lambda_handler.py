@@ -73,6 +73,13 @@ class RenderKeys:
         return f"{self.prefix}{self.export_id}.{self.extension}"
 
     @property
+    def output(self) -> str:
+        """Where the function puts the finished render. With an attempt: in its parts, and the renderer moves it
+        to `final` once it takes the answer, so a render abandoned meanwhile leaves nothing outside the parts
+        (which expire). Without one (a renderer from before attempts): `final` itself."""
+        return f"{self.parts_prefix}output.{self.extension}" if self.attempt else self.final
+
+    @property
     def parts_prefix(self) -> str:
         return f"{self.prefix}_parts/{self.export_id}/" + (f"{self.attempt}/" if self.attempt else "")
 
@@ -226,7 +233,7 @@ async def _upload(request: HandlerRequest, client: Any, path: Path, key: str) ->
     if await s3.exists(client, request.bucket, request.keys.abandoned_marker):
         raise RenderError(f"export {request.keys.export_id} was abandoned; not uploading {key}")
     # The final object says which attempt wrote it, so that only that attempt's clean-up removes it.
-    metadata = {ATTEMPT_METADATA: request.keys.attempt} if key == request.keys.final and request.keys.attempt else {}
+    metadata = {ATTEMPT_METADATA: request.keys.attempt} if key == request.keys.output and request.keys.attempt else {}
     return await s3.upload(client, path, request.bucket, key, metadata=metadata)
 
 
@@ -259,8 +266,8 @@ async def _render_whole(request: HandlerRequest, client: Any, work: Path) -> dic
     # A gif's muxer may merge identical frames; mp4 and webm must hold every frame.
     expected = None if request.format is OutputFormat.GIF else command.frames_total
     info = await _checked(output, expected, "the render")
-    size = await _upload(request, client, output, request.keys.final)
-    return _answer(request, request.keys.final, size, info)
+    size = await _upload(request, client, output, request.keys.output)
+    return _answer(request, request.keys.output, size, info)
 
 
 async def _render_chunk(request: HandlerRequest, client: Any, work: Path) -> dict[str, Any]:
@@ -310,6 +317,6 @@ async def _join(request: HandlerRequest, client: Any, work: Path) -> dict[str, A
     output = work / f"output.{request.format.value}"
     await join_chunks(request.composition, chunk_paths, audio_path, output, work_root=work)
     info = await _checked(output, request.composition.frames_total, "the joined render")
-    size = await _upload(request, client, output, keys.final)
+    size = await _upload(request, client, output, keys.output)
     await s3.delete(client, request.bucket, parts)
-    return _answer(request, keys.final, size, info)
+    return _answer(request, keys.output, size, info)

@@ -116,6 +116,10 @@ async def test_a_short_mp4_is_one_invocation_and_lands_in_s3(env: LambdaEnv, tmp
     assert info.has_audio
     assert progress.events[-1].fraction == 1.0
     assert (await env.state())["stats"]["invocations"] == {env.function_name: 1}
+    # Moved from its attempt's parts (where a render abandoned meanwhile would have left it to expire), typed.
+    head = env.s3_client().head_object(Bucket=env.bucket, Key=f"renders/{job.export_id}.mp4")
+    assert head["ContentType"] == "video/mp4" and set(head["Metadata"]) == {"render-attempt"}
+    assert keys_under(env, f"renders/_parts/{job.export_id}/") == []
 
 
 @pytest.mark.parametrize("fmt", [OutputFormat.WEBM, OutputFormat.GIF])
