@@ -27,7 +27,7 @@ import asyncio
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ MAX_CHUNKS = 10_000
 _SAFE_EXPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SAFE_PREFIX = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]*/)*$")
 _SAFE_ATTEMPT = re.compile(r"^[a-z0-9]{1,32}\Z")
-ATTEMPT_METADATA = "render-attempt"  # on the final object: which attempt wrote it
+ATTEMPT_METADATA = "render-attempt"  # on an export's final object: the attempt whose renderer moved it there
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,14 +152,13 @@ def parse_event(event: Any, environ: dict[str, str] | os._Environ[str] = os.envi
             "RENDER_KEY_PREFIX to the stack's RendersPrefix",
         )
     prefix = str(prefix if prefix is not None else own_prefix if own_prefix is not None else DEFAULT_KEY_PREFIX)
-    try:
-        keys = RenderKeys(prefix, str(event.get("export_id") or ""), output_format.value)
-    except ValueError as exc:
-        raise InvalidArgument("event.export_id", str(exc)) from None
     attempt = event.get("attempt", "")
     if not isinstance(attempt, str) or (attempt and not _SAFE_ATTEMPT.match(attempt)):
         raise InvalidArgument("event.attempt", "must be 1-32 of a-z and 0-9")
-    keys = replace(keys, attempt=attempt)
+    try:
+        keys = RenderKeys(prefix, str(event.get("export_id") or ""), output_format.value, attempt)
+    except ValueError as exc:
+        raise InvalidArgument("event.export_id", str(exc)) from None
     try:
         composition = composition_from_json(event["composition"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -232,9 +231,7 @@ async def _upload(request: HandlerRequest, client: Any, path: Path, key: str) ->
 
     if await s3.exists(client, request.bucket, request.keys.abandoned_marker):
         raise RenderError(f"export {request.keys.export_id} was abandoned; not uploading {key}")
-    # The final object says which attempt wrote it, so that only that attempt's clean-up removes it.
-    metadata = {ATTEMPT_METADATA: request.keys.attempt} if key == request.keys.output and request.keys.attempt else {}
-    return await s3.upload(client, path, request.bucket, key, metadata=metadata)
+    return await s3.upload(client, path, request.bucket, key)
 
 
 async def _checked(path: Path, frames_expected: int | None, what: str) -> Any:

@@ -56,11 +56,9 @@ async def download(client: Any, bucket: str, key: str, destination: Path) -> Non
         raise
 
 
-async def upload(client: Any, path: Path, bucket: str, key: str, *, metadata: dict[str, str] | None = None) -> int:
-    """Uploads `path` to s3://bucket/key (with user `metadata`, if any); returns its size."""
-    extra: dict[str, Any] = {"ContentType": CONTENT_TYPES.get(path.suffix, "application/octet-stream")}
-    if metadata:
-        extra["Metadata"] = metadata
+async def upload(client: Any, path: Path, bucket: str, key: str) -> int:
+    """Uploads `path` to s3://bucket/key; returns its size."""
+    extra = {"ContentType": CONTENT_TYPES.get(path.suffix, "application/octet-stream")}
 
     def send() -> int:
         client.upload_file(str(path), bucket, key, ExtraArgs=extra)

@@ -315,6 +315,7 @@ def test_chunks_cover_every_frame_once() -> None:
     [
         ({"action": "explode"}, "event.action"),
         ({"export_id": "../../etc"}, "event.export_id"),
+        ({"attempt": "../other"}, "event.attempt"),
         ({"format": "avi"}, "event.format"),
         ({"composition": {"width": 160}}, "event.composition"),
         ({"composition": {**composition_to_json(tiny(1.0)), "fps": 0}}, "composition.fps"),
