@@ -160,10 +160,11 @@ async def seed(dsn: str, exports: int, users: int) -> dict[str, Any]:
 async def _complete_visibility_map(connection: asyncpg.Connection, attempts: int = 3) -> list[str]:
     """VACUUMs again the tables the first VACUUM left partly out of the visibility map; returns their names.
 
-    Now and then (more often on a fresh server) the first VACUUM after the load leaves the last tables loaded
-    out of it, while another backend holds back the horizon for a moment, and no later VACUUM comes: the
-    1M ledger's counter history then cost its index-only scans 2,942 heap fetches (the busiest projects
-    took 7.5 ms, not 3.3), and GetStats at 1M measured the seed, not the code.
+    Now and then (more often on a fresh server) the first VACUUM after the load leaves tables out of it, and
+    no later VACUUM comes: the 1M ledger's counter history then cost its index-only scans 2,942 heap fetches
+    (the busiest projects took 7.5 ms, not 3.3), and GetStats measured the seed, not the code. Why is not
+    known (a checkpoint before the VACUUM, and autovacuum off during the load, did not prevent it); a second
+    VACUUM right after always completed the map.
     """
     revacuumed: list[str] = []
     for _ in range(attempts):
