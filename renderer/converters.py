@@ -7,7 +7,7 @@ from exportapi.renderer.v1 import renderer_pb2
 from renderer.domain import AudioLayer, Clip, Composition, OutputFormat, RenderMode, TextLayer
 from renderer.errors import InvalidArgument
 from renderer.jobs import Job, JobState, RenderRequest
-from renderer.validation import apply_proto_defaults
+from renderer.validation import apply_proto_defaults, check_layer_counts
 
 MAX_ID_CHARS = 128
 
@@ -57,6 +57,7 @@ def render_request(message: renderer_pb2.StartRenderRequest) -> RenderRequest:
 
 def composition(message: renderer_pb2.Composition) -> Composition:
     """The proto's zero values ("0 means 48", "empty means white", ...) become defaults in one place."""
+    check_layer_counts(message.clips, message.texts, message.audio)
     return apply_proto_defaults(
         Composition(
             width=message.width,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -262,9 +263,7 @@ def validate_composition(c: Composition, *, max_duration_seconds: float | None) 
         raise InvalidArgument(f"{p}.duration_seconds", f"is shorter than one frame at {c.fps:g} fps")
     parse_color(c.background, f"{p}.background")
 
-    _count(c.clips, f"{p}.clips", MAX_CLIPS)
-    _count(c.texts, f"{p}.texts", MAX_TEXTS)
-    _count(c.audio, f"{p}.audio", MAX_AUDIO)
+    check_layer_counts(c.clips, c.texts, c.audio, p)
     for i, clip in enumerate(c.clips):
         _validate_clip(clip, f"{p}.clips[{i}]", c.duration_seconds)
     for i, text in enumerate(c.texts):
@@ -317,9 +316,13 @@ def _start(value: float, field: str, duration: float) -> None:
         raise InvalidArgument(field, f"must be in 0..{duration:g} (before the end of the composition)")
 
 
-def _count(items: tuple[object, ...], field: str, limit: int) -> None:
-    if len(items) > limit:
-        raise InvalidArgument(field, f"at most {limit} allowed, got {len(items)}")
+def check_layer_counts(clips: Sized, texts: Sized, audio: Sized, prefix: str = "composition") -> None:
+    """The layers' numbers, checked on the request itself before anything is built from its layers: an empty
+    layer is 2 bytes on the wire, and converting a message's two million of them held the renderer's event
+    loop for 14 s."""
+    for items, name, limit in ((clips, "clips", MAX_CLIPS), (texts, "texts", MAX_TEXTS), (audio, "audio", MAX_AUDIO)):
+        if len(items) > limit:
+            raise InvalidArgument(f"{prefix}.{name}", f"at most {limit} allowed, got {len(items)}")
 
 
 def _number(value: float, field: str) -> None:

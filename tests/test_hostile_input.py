@@ -377,3 +377,19 @@ def test_every_rpc_is_covered() -> None:
         m.name for m in pb.DESCRIPTOR.services_by_name["Metering"].methods
     }
     assert set(RENDERER_REQUESTS) == {m.name for m in rpb.DESCRIPTOR.services_by_name["Renderer"].methods}
+
+
+async def test_a_start_with_millions_of_empty_layers_is_refused_by_its_count_first(servers: Servers) -> None:
+    # An empty layer is 2 bytes: 4 MB held two million, and building them all before the count was checked
+    # held the renderer's event loop (every other call, stream and heartbeat) for 14 s, to refuse the request
+    # for its height in the end. The count is now checked on the message, before anything is built.
+    composition = rpb.Composition(width=160, height=99999, fps=10, duration_seconds=1)
+    composition.texts.extend(rpb.TextLayer() for _ in range(200_000))
+    request = rpb.StartRenderRequest(
+        idempotency_key="many", user_id="u", project_id="p", composition=composition, format="mp4"
+    )
+    async with grpc.aio.insecure_channel(servers.renderer) as channel:
+        code, details = await outcome(renderer_pb2_grpc.RendererStub(channel).StartRender(request, timeout=30))
+        await assert_serving(channel)
+    assert code == C.INVALID_ARGUMENT
+    assert "composition.texts" in details and "at most 64 allowed, got 200000" in details
