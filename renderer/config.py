@@ -12,6 +12,7 @@ from pathlib import Path
 from metering.auth import RENDERER_ROLES, AuthConfigError, ClientTls, ServerTls, TokenTable, read_pem
 from metering.config import is_loopback as is_loopback_host
 from renderer.domain import RenderMode
+from renderer.lambda_handler import DEFAULT_KEY_PREFIX, SAFE_KEY_PREFIX
 from renderer.metering_client import RESERVE_RETRY_DELAY_SECONDS
 from renderer.sources import parse_asset_roots, parse_buckets
 
@@ -20,7 +21,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # such as "s3://bucket" or a key prefix, would only fail at the first upload or fetch, after a reservation.
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 _AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]+\Z")
-_KEY_PREFIX = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]*/)*\Z")  # as the function's RenderKeys accepts
 
 
 class ConfigError(ValueError):
@@ -36,11 +36,11 @@ class LambdaSettings:
     timeout_seconds: float
     endpoint_url: str | None
     s3_endpoint_url: str | None
-    region: str = ""
-    key_prefix: str = "renders/"
+    region: str
+    key_prefix: str
     # What the function may read (the stack's source bucket and SourcePrefix): checked before reserving.
-    source_buckets: frozenset[str] = frozenset()
-    source_prefix: str = ""
+    source_buckets: frozenset[str]
+    source_prefix: str
 
 
 # After the renders of a drain have ended: time for WatchRender streams to send the final state, and for calls
@@ -87,7 +87,8 @@ class RendererConfig:
             default_mode = RenderMode(mode_text)
         except ValueError:
             raise ConfigError(f"RENDER_MODE must be 'local' or 'lambda', not {mode_text!r}") from None
-        lambda_settings = _lambda_settings(env)
+        source_buckets = _buckets(env, "RENDER_SOURCE_BUCKETS")
+        lambda_settings = _lambda_settings(env, source_buckets)
         if default_mode is RenderMode.LAMBDA and lambda_settings is None:
             raise ConfigError("RENDER_MODE=lambda needs LAMBDA_FUNCTION_NAME and RENDER_BUCKET")
         roots = tuple(root.resolve() for root in parse_asset_roots(env.get("RENDER_ASSET_ROOTS")))
@@ -119,9 +120,7 @@ class RendererConfig:
             concurrency=concurrency,
             max_waiting=_int(env, "RENDER_MAX_WAITING", 4 * concurrency, minimum=0, maximum=100_000),
             asset_roots=roots,
-            source_buckets=frozenset(
-                _bucket_name("RENDER_SOURCE_BUCKETS", name) for name in parse_buckets(env.get("RENDER_SOURCE_BUCKETS"))
-            ),
+            source_buckets=source_buckets,
             stall_seconds=_float(env, "RENDER_STALL_SECONDS", 60.0, minimum=1.0),
             shutdown_grace_seconds=_float(env, "RENDER_SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0),
             output_retention_hours=_float(env, "RENDER_OUTPUT_RETENTION_HOURS", 0.0, minimum=0.0),
@@ -157,7 +156,9 @@ def require_auth_beyond_loopback(listen: str, auth: TokenTable | None) -> None:
         )
 
 
-def _lambda_settings(env: Mapping[str, str]) -> LambdaSettings | None:
+def _lambda_settings(env: Mapping[str, str], source_buckets: frozenset[str]) -> LambdaSettings | None:
+    """`source_buckets` (RENDER_SOURCE_BUCKETS, local renders') stand in for RENDER_LAMBDA_SOURCE_BUCKETS,
+    which came later, when it is unset."""
     function_name = env.get("LAMBDA_FUNCTION_NAME", "").strip()
     bucket = env.get("RENDER_BUCKET", "").strip()
     if not function_name and not bucket:
@@ -173,11 +174,8 @@ def _lambda_settings(env: Mapping[str, str]) -> LambdaSettings | None:
         endpoint_url=env.get("AWS_ENDPOINT_URL_LAMBDA") or env.get("AWS_ENDPOINT_URL") or None,
         s3_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
         region=_aws_region(env),
-        key_prefix=_key_prefix(env, "RENDER_KEY_PREFIX", "renders/"),
-        source_buckets=frozenset(
-            _bucket_name("RENDER_LAMBDA_SOURCE_BUCKETS", name)
-            for name in parse_buckets(env.get("RENDER_LAMBDA_SOURCE_BUCKETS"))
-        ),
+        key_prefix=_key_prefix(env, "RENDER_KEY_PREFIX", DEFAULT_KEY_PREFIX),
+        source_buckets=_buckets(env, "RENDER_LAMBDA_SOURCE_BUCKETS") or source_buckets,
         source_prefix=_key_prefix(env, "RENDER_LAMBDA_SOURCE_PREFIX", ""),
     )
 
@@ -197,12 +195,16 @@ def _key_prefix(env: Mapping[str, str], name: str, default: str) -> str:
     """RENDER_KEY_PREFIX: where the function writes (the template's RendersPrefix); the renderer names it in
     every invocation and cleans up under it, so both must agree. RENDER_LAMBDA_SOURCE_PREFIX: where it reads."""
     prefix = env.get(name, default).strip()
-    if not _KEY_PREFIX.match(prefix):
+    if not SAFE_KEY_PREFIX.match(prefix):
         raise ConfigError(
             f"{name}: {prefix!r} must be empty or path segments of A-Z, a-z, 0-9, '_' and '-', "
             "each ending in '/' (such as renders/)"
         )
     return prefix
+
+
+def _buckets(env: Mapping[str, str], name: str) -> frozenset[str]:
+    return frozenset(_bucket_name(name, bucket) for bucket in parse_buckets(env.get(name)))
 
 
 def _bucket_name(variable: str, name: str) -> str:

@@ -43,6 +43,7 @@ from renderer.lambda_handler import (
     ACTION_JOIN,
     ACTION_RENDER,
     ATTEMPT_METADATA,
+    DEFAULT_KEY_PREFIX,
     RenderKeys,
     composition_to_json,
 )
@@ -66,6 +67,8 @@ class LambdaSettingsLike(Protocol):
     s3_endpoint_url: str | None
     region: str
     key_prefix: str
+    source_buckets: frozenset[str]
+    source_prefix: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +81,7 @@ class LambdaBackendConfig:
     endpoint_url: str | None = None  # AWS_ENDPOINT_URL_LAMBDA
     s3_endpoint_url: str | None = None  # AWS_ENDPOINT_URL_S3
     region: str | None = None  # AWS_REGION / AWS_DEFAULT_REGION (None: botocore's own lookup)
-    key_prefix: str = "renders/"  # RENDER_KEY_PREFIX, the template's RendersPrefix
+    key_prefix: str = DEFAULT_KEY_PREFIX  # RENDER_KEY_PREFIX, the template's RendersPrefix
     # Buckets s3:// sources may come from (RENDER_LAMBDA_SOURCE_BUCKETS, else RENDER_SOURCE_BUCKETS); empty:
     # any the function's role can read. And the prefix their keys must have (RENDER_LAMBDA_SOURCE_PREFIX).
     source_buckets: frozenset[str] = frozenset()
@@ -108,7 +111,7 @@ class LambdaBackendConfig:
         return self.timeout_seconds + self.read_timeout_margin_seconds
 
     @classmethod
-    def from_settings(cls, settings: LambdaSettingsLike, **overrides: Any) -> LambdaBackendConfig:
+    def from_settings(cls, settings: LambdaSettingsLike) -> LambdaBackendConfig:
         return cls(
             function_name=settings.function_name,
             bucket=settings.bucket,
@@ -119,7 +122,8 @@ class LambdaBackendConfig:
             s3_endpoint_url=settings.s3_endpoint_url,
             region=settings.region or None,
             key_prefix=settings.key_prefix,
-            **overrides,
+            source_buckets=settings.source_buckets,
+            source_prefix=settings.source_prefix,
         )
 
 
@@ -287,8 +291,8 @@ class LambdaBackend:
         self._session = session or aioboto3.Session()
 
     @classmethod
-    def from_settings(cls, settings: LambdaSettingsLike, **overrides: Any) -> LambdaBackend:
-        return cls(LambdaBackendConfig.from_settings(settings, **overrides))
+    def from_settings(cls, settings: LambdaSettingsLike) -> LambdaBackend:
+        return cls(LambdaBackendConfig.from_settings(settings))
 
     def check(self, composition: Composition) -> None:
         """Raise InvalidArgument for sources Lambda cannot read: files on this node (only s3:// objects and

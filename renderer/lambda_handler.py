@@ -42,8 +42,8 @@ ACTIONS = (ACTION_RENDER, ACTION_CHUNK, ACTION_AUDIO, ACTION_JOIN)
 DEFAULT_KEY_PREFIX = "renders/"
 MAX_CHUNKS = 10_000
 
-_SAFE_EXPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SAFE_PREFIX = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]*/)*$")
+_SAFE_EXPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+SAFE_KEY_PREFIX = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]*/)*\Z")  # also RENDER_KEY_PREFIX's check at start
 _SAFE_ATTEMPT = re.compile(r"^[a-z0-9]{1,32}\Z")
 ATTEMPT_METADATA = "render-attempt"  # on an export's final object: the attempt whose renderer moved it there
 
@@ -63,7 +63,7 @@ class RenderKeys:
     def __post_init__(self) -> None:
         if not _SAFE_EXPORT_ID.match(self.export_id):
             raise ValueError(f"export id {self.export_id!r} cannot name an S3 object")
-        if not _SAFE_PREFIX.match(self.prefix):
+        if not SAFE_KEY_PREFIX.match(self.prefix):
             raise ValueError(f"key prefix {self.prefix!r} must be empty or end in '/'")
         if self.attempt and not _SAFE_ATTEMPT.match(self.attempt):
             raise ValueError(f"attempt {self.attempt!r} must be 1-32 of a-z and 0-9")

@@ -112,13 +112,7 @@ def build_backends(config: RendererConfig) -> dict[RenderMode, RenderBackend]:
     if config.lambda_settings is not None:
         from renderer.lambda_backend import LambdaBackend
 
-        settings = config.lambda_settings
-        backends[RenderMode.LAMBDA] = LambdaBackend.from_settings(
-            settings,
-            # The function's own list when given; RENDER_SOURCE_BUCKETS (local renders') before it existed.
-            source_buckets=settings.source_buckets or config.source_buckets,
-            source_prefix=settings.source_prefix,
-        )
+        backends[RenderMode.LAMBDA] = LambdaBackend.from_settings(config.lambda_settings)
     return backends
 
 
