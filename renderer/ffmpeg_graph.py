@@ -342,13 +342,14 @@ class _Graph:
     def audio(self, sample_rate: int) -> ffmpeg.nodes.FilterableStream | None:
         """The full-length mix (audio is never chunked), or None without audio layers."""
         c = self.c
-        if not c.audio:
+        sounding = c.sounding_audio  # the one rule for which layers are heard
+        if not sounding:
             return None
         total_seconds = Fraction(self.frames_total) / self.rate
         total_samples = round(total_seconds * sample_rate)
         layers = []
-        for index, layer in enumerate(c.audio):
-            if layer.start >= total_seconds:  # silent (Composition.sounding_audio)
+        for index, layer in enumerate(c.audio):  # by index: an error names the layer's field
+            if layer not in sounding:
                 continue
             available = float(total_seconds) - layer.start
             source = self.sources[layer.source]
@@ -370,8 +371,6 @@ class _Graph:
             if delay:
                 stream = stream.filter("adelay", delays=f"{delay}S", all=1)
             layers.append(stream)
-        if not layers:
-            return None
         mixed = (
             layers[0]
             if len(layers) == 1
